@@ -1,0 +1,1 @@
+"""Uni-Perceiver model pieces as megatron-core modules."""

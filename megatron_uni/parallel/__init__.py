@@ -1,0 +1,1 @@
+"""Distributed start-up, parallel layout and the CPU backend for megatron-core."""

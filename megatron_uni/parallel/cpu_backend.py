@@ -1,0 +1,166 @@
+"""A CPU backend for megatron-core (which has no CPU path of its own).
+
+megatron-core 0.16.1 assumes CUDA in a few dozen places: ``device="cuda"`` literals in the
+pipeline schedules, the optimizer and ``dist_checkpointing``; ``torch.cuda.current_device()`` as a
+device argument; CUDA RNG states in the model-parallel RNG tracker; CUDA streams in the MoE token
+dispatchers; ``Tensor.type()`` checks in the distributed optimizer. Everything this module does
+is listed in :func:`enable`, in one place a reader can audit:
+
+1. ``torch.cuda.current_device()`` answers ``torch.device("cpu")``;
+2. a ``TorchFunctionMode`` rewrites ``device="cuda..."`` arguments (and ``Tensor.cuda()``,
+   ``Tensor.to("cuda")``) to the CPU, and makes ``Tensor.type()`` report ``torch.cuda.*Tensor``;
+3. the CUDA RNG functions (``torch.cuda.get_rng_state`` / ``set_rng_state`` / ``manual_seed``
+   and megatron's ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``) act on the CPU generator,
+   so megatron's model-parallel RNG tracker works unchanged (``manual_seed_all`` stays: with no
+   CUDA device it is a no-op, and ``torch.manual_seed`` calls it);
+4. ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` / ``synchronize`` / ``Event`` become
+   no-ops (CPU work is synchronous);
+5. megatron's advice to set CUDA_DEVICE_MAX_CONNECTIONS (a CUDA launch-queue setting) is silenced.
+
+It is switched on only for CPU runs (:func:`should_use_cpu`) and never when CUDA is in use: GPU
+behaviour is untouched. It patches process-wide state, so it is meant for processes that run on
+the CPU for their whole life (tests, CI, the demo); :func:`enable` is idempotent and there is no
+``disable``. The sequence-parallel LayerNorm that megatron's torch fallback lacks is not a CPU
+matter and lives in ``megatron_uni.models.norm``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_lock = threading.Lock()
+_enabled = False
+
+
+def should_use_cpu(device: str = "auto") -> bool:
+    """Whether a run asking for ``device`` (auto/cpu/cuda) runs on the CPU."""
+    if device == "cpu":
+        return True
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "parallel.device=cuda but no CUDA device is visible; use parallel.device=auto "
+                "or parallel.device=cpu to run on the CPU"
+            )
+        return False
+    return not torch.cuda.is_available()
+
+
+def is_enabled() -> bool:
+    """Whether :func:`enable` has run in this process."""
+    return _enabled
+
+
+def _to_cpu_device(device: Any) -> Any:
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _CPU  # a bare int device means a CUDA ordinal
+    return device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Sends every tensor that megatron-core asks to put on CUDA to the CPU instead."""
+
+    def __torch_function__(
+        self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1:
+            args = (args[0],) + tuple(
+                _to_cpu_device(a) if isinstance(a, (str, torch.device)) else a for a in args[1:]
+            )
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # The distributed optimizer accepts only parameters whose type() is torch.cuda.*.
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+class _NoStream:
+    """Stands in for ``torch.cuda.Stream`` and ``torch.cuda.Event``: CPU work is synchronous."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any) -> None:
+        pass
+
+    def wait_event(self, *args: Any) -> None:
+        pass
+
+    def record_event(self, *args: Any) -> "_NoStream":
+        return self
+
+    def record(self, *args: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: "_NoStream") -> float:
+        return 0.0
+
+
+def _cpu_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    # Straight to the generator: torch.manual_seed itself calls torch.cuda.manual_seed_all.
+    torch.default_generator.manual_seed(int(seed))
+
+
+def enable() -> None:
+    """Switch the CPU backend on for this process (idempotent). See the module docstring."""
+    global _enabled
+    with _lock:
+        if _enabled:
+            return
+        if torch.cuda.is_available():
+            raise RuntimeError(
+                "the CPU backend must not be enabled in a process that uses CUDA; "
+                "set parallel.device=cuda or hide the GPUs (CUDA_VISIBLE_DEVICES='')"
+            )
+        import megatron.core.tensor_parallel.random as mcore_random  # noqa: PLC0415
+
+        # 1. device queries
+        torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
+        # 3. RNG: the CUDA generator functions act on the CPU generator.
+        torch.cuda.get_rng_state = _cpu_rng_state  # type: ignore[assignment]
+        torch.cuda.random.get_rng_state = _cpu_rng_state  # type: ignore[assignment]
+        torch.cuda.set_rng_state = _set_cpu_rng_state  # type: ignore[assignment]
+        torch.cuda.manual_seed = _cpu_manual_seed  # type: ignore[assignment]
+        mcore_random._get_cuda_rng_state = _cpu_rng_state
+        mcore_random._set_cuda_rng_state = _set_cpu_rng_state
+        # 4. streams and events
+        torch.cuda.Stream = _NoStream  # type: ignore[assignment,misc]
+        torch.cuda.Event = _NoStream  # type: ignore[assignment,misc]
+        torch.cuda.current_stream = lambda *a, **k: _NoStream()  # type: ignore[assignment]
+        torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
+        torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+        # CUDA launch-queue tuning advice, meaningless without CUDA.
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
+        # 2. device arguments: the mode lives on this thread's torch-function stack for good.
+        _CudaToCpuMode().__enter__()
+        _enabled = True
