@@ -27,6 +27,10 @@ setup(
         "timm>=1.0",
         "psutil>=5.9",
         "numpy>=1.24",
+        # CLIP BPE text tokenizer: open_clip_torch ships the merges file (never imported).
+        "open_clip_torch>=2.20",
+        "regex",
+        "ftfy",
     ],
     extras_require={
         "test": ["pytest>=8"],

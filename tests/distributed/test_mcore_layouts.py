@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.distributed.compare import check_grads, save_full_grads
 from tests.multirank import run_ranks
 
 NUM_MICROBATCHES = 4  # global batch, split over DP ranks
@@ -51,21 +52,6 @@ def _cfg(tp: int, pp: int, ep: int, etp: int | None = None):
     )
 
 
-def _sharded_tensors(model) -> list:
-    from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
-    return [v for v in nested_values(model.sharded_state_dict()) if isinstance(v, ShardedTensor)]
-
-
-def _global_slices(sh) -> tuple[slice, ...]:
-    """Index of this shard inside the global tensor (prepended axes included)."""
-    return tuple(
-        slice(off, off + size)
-        for off, size in zip(sh.global_offset, (1,) * sh.prepend_axis_num + tuple(sh.local_shape))
-    )
-
-
 def _run_global_batch(cfg, runtime):
     from megatron.core import parallel_state
 
@@ -90,11 +76,7 @@ def _single(rank: int, world_size: int, out: str) -> list[float]:
     dist_checkpointing.save(model.sharded_state_dict(), str(Path(out) / "ckpt"))
     ddp.zero_grad_buffer()
     losses = forward_backward([ddp], batches)
-    grads: dict[str, torch.Tensor] = {}
-    for sh in _sharded_tensors(model):
-        full = grads.setdefault(sh.key, torch.zeros(sh.global_shape))
-        full[_global_slices(sh)] = sh.data.main_grad.reshape(full[_global_slices(sh)].shape)
-    torch.save(grads, Path(out) / "grads.pt")
+    save_full_grads(model, Path(out) / "grads.pt")
     return losses
 
 
@@ -116,16 +98,7 @@ def _layout(
     ddp.zero_grad_buffer()
     losses = forward_backward([ddp], mine)
 
-    ref = torch.load(Path(out) / "grads.pt")
-    checked, worst = [], 0.0
-    for sh in _sharded_tensors(model):
-        expected = ref[sh.key][_global_slices(sh)].reshape(sh.data.shape)
-        got = sh.data.main_grad.reshape(sh.data.shape)
-        scale = float(expected.abs().max()) or 1.0
-        err = float((got - expected).abs().max()) / scale
-        worst = max(worst, err)
-        assert err <= GRAD_RTOL, f"rank {rank}: gradient of {sh.key} off by {err:.2e} (relative)"
-        checked.append(sh.key)
+    checked, worst = check_grads(model, Path(out) / "grads.pt", GRAD_RTOL, rank)
     return {
         "dp_rank": dp_rank,
         "last_stage": parallel_state.is_pipeline_last_stage(),

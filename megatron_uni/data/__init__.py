@@ -1,0 +1,1 @@
+"""Multi-task data: the packed batch contract, task builders, webdataset pipelines."""

@@ -1,0 +1,97 @@
+"""Uni-Perceiver: one shared encoder, every task scored as input-vs-target matching.
+
+Shape legend: R rows, S row length, s = S (or S/tp under sequence parallelism), h hidden.
+
+    stage 0 (pre_process):   PackedBatch --InputTokenizer--> [s, R, h]
+    every stage:             [s, R, h] --TransformerBlock (this stage's layers)--> [s, R, h]
+    last stage (post_process): hidden --MatchingHead(batch)--> loss sum, count, metrics
+
+Every stage receives the whole (small) PackedBatch: each rebuilds the attention mask from the
+metadata, the first embeds, the last reads the query/target positions and labels. Model code
+creates no process groups: they come in through ``pg_collection``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from megatron.core.enums import ModelType
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_uni.config import Config
+from megatron_uni.data.batch import PackedBatch, attention_mask
+from megatron_uni.models.heads import MatchingHead
+from megatron_uni.models.layer_spec import encoder_block_spec
+from megatron_uni.models.tokenizers import InputTokenizer
+
+
+class UniPerceiver(MegatronModule):
+    """One pipeline stage of the generalist encoder (the whole model when PP = 1)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        cfg: Config,
+        pre_process: bool = True,
+        post_process: bool = True,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ) -> None:
+        super().__init__(config=config)
+        pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        # Read by finalize_model_grads under PP: no weight is shared between first and last stage.
+        self.share_embeddings_and_output_weights = False
+        tp = pg_collection.tp.size()
+        if pre_process:
+            self.tokenizer = InputTokenizer(config, cfg.model, tp)
+        self.encoder = TransformerBlock(
+            config=config,
+            spec=encoder_block_spec(config, cfg.model, get_num_layers_to_build(config)),
+            post_layer_norm=False,
+            pre_process=pre_process,
+            post_process=post_process,
+            pg_collection=pg_collection,
+        )
+        if post_process:
+            self.head = MatchingHead(config, cfg.model, pg_collection.dp)
+
+    def set_input_tensor(self, input_tensor: Any) -> None:
+        """Pipeline schedules hand the previous stage's output in here."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.encoder.set_input_tensor(input_tensor)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Encoder output ``[s, R, h]`` of this stage (the last stage's goes to :meth:`loss`)."""
+        hidden = self.tokenizer(batch) if self.pre_process else None
+        return self.encoder(hidden_states=hidden, attention_mask=attention_mask(batch))
+
+    def loss(
+        self, batch: PackedBatch, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss sum, query count, metric sums of one micro-batch (last stage only)."""
+        return self.head(hidden, batch)
+
+
+def build_model(cfg: Config, use_cpu: bool, pg_collection: Optional[ProcessGroupCollection] = None
+                ) -> UniPerceiver:
+    """This rank's stage of the model for ``cfg`` (process groups must be initialised)."""
+    from megatron.core import parallel_state  # noqa: PLC0415
+
+    from megatron_uni.config.to_mcore import transformer_config  # noqa: PLC0415
+
+    # Our losses are sums with counts (see heads.py): megatron divides by the global count.
+    config = transformer_config(cfg, use_cpu=use_cpu, calculate_per_token_loss=True)
+    return UniPerceiver(
+        config,
+        cfg,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        pg_collection=pg_collection,
+    )

@@ -1,0 +1,127 @@
+"""The one head every task shares: SPE feature -> LayerNorm -> projection -> L2 norm, cosine
+similarity with candidate targets times a learnable logit scale (one per task family).
+
+Shape legend: s rows' tokens per TP shard, R rows, S row length, h hidden, Q queries,
+K targets (this rank), G targets after the data-parallel gather, B retrieval pairs per rank.
+
+Losses are returned as a SUM over this rank's queries with the query count, megatron-core's
+per-token convention (``calculate_per_token_loss``): the schedule adds the sums and counts of
+all micro-batches and data-parallel ranks and divides once, so any layout averages over exactly
+the same queries as a single process.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_uni.config import ModelConfig
+from megatron_uni.data.batch import IGNORE_INDEX, TASK_FAMILIES, LossSpec, PackedBatch
+from megatron_uni.parallel.autograd_collectives import all_gather_with_grad
+
+
+class MatchingHead(MegatronModule):
+    """Features, logits and losses for every task family."""
+
+    def __init__(self, config: TransformerConfig, model: ModelConfig, dp_group: Any) -> None:
+        super().__init__(config=config)
+        self.norm = torch.nn.LayerNorm(model.hidden_size, eps=model.layernorm_epsilon)
+        self.proj = torch.nn.Linear(model.hidden_size, model.hidden_size)
+        torch.nn.init.normal_(self.proj.weight, std=model.init_method_std)
+        torch.nn.init.zeros_(self.proj.bias)
+        # log-parameterised like CLIP; exp() is clamped to logit_scale_max.
+        self.logit_scale = torch.nn.Parameter(
+            torch.full((len(TASK_FAMILIES),), math.log(model.logit_scale_init))
+        )
+        self.max_log_scale = math.log(model.logit_scale_max)
+        self.dp_group = dp_group
+
+    def scale(self, family: str) -> torch.Tensor:
+        return self.logit_scale[TASK_FAMILIES.index(family)].clamp(max=self.max_log_scale).exp()
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[n, h]`` encoder outputs -> ``[n, h]`` unit-norm matching features."""
+        return F.normalize(self.proj(self.norm(tokens)).float(), dim=-1)
+
+    def flat_tokens(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """Encoder output ``[s, R, h]`` -> ``[R * S, h]`` in the batch's flat token order."""
+        if self.config.sequence_parallel:
+            # Every TP rank computes the same loss from the full sequence, so the backward of
+            # the gather just takes this rank's slice (no sum over TP ranks).
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False
+            )
+        return hidden.transpose(0, 1).reshape(batch.num_rows * batch.seq_len, -1)
+
+    def forward(
+        self, hidden: torch.Tensor, batch: PackedBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss sum, query count and metrics (sums) of one micro-batch."""
+        spec = batch.loss
+        tokens = self.flat_tokens(hidden, batch)
+        queries = self.features(tokens[spec.query_index])
+        targets = self.features(tokens[spec.target_index])
+        if spec.family == "retrieval":
+            loss_sum, correct, count = self._retrieval(queries, targets, spec)
+        else:
+            loss_sum, correct, count = self._matching(queries, targets, spec)
+        loss_sum = loss_sum * spec.loss_weight
+        metrics = {
+            "loss": torch.stack([loss_sum.detach(), count.float()]),
+            "accuracy": torch.stack([correct.float(), count.float()]),
+        }
+        return loss_sum, count, metrics
+
+    def _matching(
+        self, queries: torch.Tensor, targets: torch.Tensor, spec: LossSpec
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if spec.split_targets:
+            targets = all_gather_with_grad(targets, self.dp_group)
+        if spec.num_targets >= 0:
+            targets = targets[: spec.num_targets]  # drop the padding of the last shard
+        logits = self.scale(spec.family) * queries @ targets.t()  # [Q, G]
+        valid = spec.labels != IGNORE_INDEX
+        count = valid.sum()
+        if spec.soft_labels is not None:
+            per_query = -(spec.soft_labels * logits.log_softmax(-1)).sum(-1)
+            loss_sum = (per_query * valid).sum()
+        else:
+            loss_sum = F.cross_entropy(
+                logits, spec.labels, ignore_index=IGNORE_INDEX,
+                label_smoothing=spec.label_smoothing, reduction="sum",
+            )
+        hard = spec.labels if spec.soft_labels is None else spec.soft_labels.argmax(-1)
+        correct = ((logits.argmax(-1) == hard) & valid).sum()
+        return loss_sum, correct, count
+
+    def _retrieval(
+        self, queries: torch.Tensor, targets: torch.Tensor, spec: LossSpec
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Negatives from every data-parallel rank: gather both sides with gradients.
+        all_queries = all_gather_with_grad(queries, self.dp_group)  # [G, h]
+        all_targets = all_gather_with_grad(targets, self.dp_group)
+        pairs = queries.shape[0]
+        rank = _group_rank(self.dp_group) if all_queries.shape[0] != pairs else 0
+        labels = torch.arange(pairs, device=queries.device) + rank * pairs
+        scale = self.scale(spec.family)
+        i2t = scale * queries @ all_targets.t()  # [B, G]
+        t2i = scale * targets @ all_queries.t()
+        smooth = spec.label_smoothing
+        loss_sum = 0.5 * (
+            F.cross_entropy(i2t, labels, label_smoothing=smooth, reduction="sum")
+            + F.cross_entropy(t2i, labels, label_smoothing=smooth, reduction="sum")
+        )
+        correct = (i2t.argmax(-1) == labels).sum()
+        return loss_sum, correct, torch.tensor(pairs, device=queries.device)
+
+
+def _group_rank(group: Any) -> int:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    return dist.get_rank(group=group)

@@ -1,0 +1,139 @@
+"""Modality tokenizers: pixels and token ids -> one token sequence of width ``hidden``.
+
+Shape legend: R rows, S row length, h hidden, N clips, T frames, C channels, H/W pixels,
+p patch size, P = (H/p)(W/p) patches per frame, V padded vocabulary.
+
+- Image / video (an image is a 1-frame video): per-frame conv patch embedding, a FIXED 2-D
+  sin-cos spatial embedding computed for the actual patch grid (so a model trained at 160 px
+  runs at 224 px unchanged), a LEARNED temporal embedding (max frames; during training a random
+  temporal offset shifts which rows a short clip uses).
+- Text: vocab-parallel token embedding (CLIP BPE + 3 specials), learned positions, a type
+  embedding.
+- Both go through one shared LayerNorm (as in the reference), then into megatron's ``[s, b, h]``
+  layout, split over tensor-parallel ranks along s when sequence parallelism is on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel import VocabParallelEmbedding
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_uni.config import ModelConfig
+from megatron_uni.data.batch import Modality, PackedBatch
+
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Round the vocabulary up so every tensor-parallel rank holds an equal slice.
+
+    The multiple does not depend on ``tp`` (for tp dividing 128), so checkpoints keep one shape
+    across layouts.
+    """
+    multiple = VOCAB_PAD_MULTIPLE * tp // math.gcd(VOCAB_PAD_MULTIPLE, tp)
+    return -(-vocab_size // multiple) * multiple
+
+
+def sincos_2d(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding, ``[grid_h * grid_w, dim]`` (MAE/ViT style).
+
+    Half the channels encode the row, half the column; each half is sin/cos at ``dim/4``
+    geometric frequencies.
+    """
+    if dim % 4:
+        raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2-D sin-cos embedding")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    ys, xs = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64),
+        torch.arange(grid_w, dtype=torch.float64),
+        indexing="ij",
+    )
+
+    def encode(coord: torch.Tensor) -> torch.Tensor:
+        angles = coord.reshape(-1, 1) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(ys), encode(xs)], dim=1).float()
+
+
+class VisualTokenizer(torch.nn.Module):
+    """``[N, T, C, H, W]`` pixels -> ``[N, T * P, h]`` patch tokens (before the shared norm)."""
+
+    def __init__(self, model: ModelConfig, in_channels: int = 3) -> None:
+        super().__init__()
+        self.patch_size = model.patch_size
+        self.max_frames = model.max_frames
+        self.proj = torch.nn.Conv2d(
+            in_channels, model.hidden_size, kernel_size=model.patch_size, stride=model.patch_size
+        )
+        self.temporal = torch.nn.Parameter(torch.zeros(model.max_frames, model.hidden_size))
+        torch.nn.init.trunc_normal_(self.temporal, std=model.init_method_std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n, t, c, height, width = images.shape
+        if t > self.max_frames:
+            raise ValueError(f"clips have {t} frames but model.max_frames is {self.max_frames}")
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
+            )
+        x = self.proj(images.reshape(n * t, c, height, width))  # [N*T, h, H/p, W/p]
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2).reshape(n, t, gh * gw, -1)  # [N, T, P, h]
+        spatial = sincos_2d(gh, gw, x.shape[-1]).to(x.dtype).to(x.device)
+        offset = 0
+        if self.training and t < self.max_frames:
+            # Same draw on every tensor-parallel rank: the default RNG is seeded alike there.
+            offset = int(torch.randint(0, self.max_frames - t + 1, (1,)))
+        temporal = self.temporal[offset : offset + t].to(x.dtype)
+        x = x + spatial[None, None] + temporal[None, :, None]
+        return x.reshape(n, t * gh * gw, -1)
+
+
+class InputTokenizer(MegatronModule):
+    """A packed batch -> ``[S, R, h]`` encoder input (``[S/tp, R, h]`` under sequence parallel)."""
+
+    def __init__(self, config: TransformerConfig, model: ModelConfig, tp: int) -> None:
+        super().__init__(config=config)
+        self.visual = VisualTokenizer(model)
+        self.word_embeddings = VocabParallelEmbedding(
+            padded_vocab_size(model.vocab_size, tp),
+            model.hidden_size,
+            init_method=config.init_method,
+            config=config,
+        )
+        self.position_embeddings = torch.nn.Embedding(model.max_text_positions, model.hidden_size)
+        self.type_embedding = torch.nn.Parameter(torch.zeros(model.hidden_size))
+        torch.nn.init.normal_(self.position_embeddings.weight, std=model.init_method_std)
+        torch.nn.init.normal_(self.type_embedding, std=model.init_method_std)
+        # The shared norm runs on the full sequence before the sequence-parallel split, so its
+        # gradients are complete on every TP rank: a plain LayerNorm, not flagged for TP reduce.
+        self.norm = torch.nn.LayerNorm(model.hidden_size, eps=model.layernorm_epsilon)
+        self.max_positions = model.max_text_positions
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        if int(batch.position.max()) >= self.max_positions:
+            raise ValueError(
+                f"a text position reaches {int(batch.position.max())} but model.max_text_positions "
+                f"is {self.max_positions}"
+            )
+        text = (  # [R, S, h]
+            self.word_embeddings(batch.text_ids)
+            + self.position_embeddings(batch.position)
+            + self.type_embedding
+        )
+        x = text
+        if batch.images.numel() > 0 and bool((batch.patch_index >= 0).any()):
+            patches = self.visual(batch.images.to(text.dtype)).reshape(-1, text.shape[-1])
+            visual = patches[batch.patch_index.clamp(min=0)]  # [R, S, h]
+            is_text = (batch.modality == Modality.TEXT)[..., None]
+            x = torch.where(is_text, text, visual)
+        x = self.norm(x).transpose(0, 1).contiguous()  # [S, R, h]
+        if self.config.sequence_parallel:
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+        return x

@@ -1,0 +1,1 @@
+"""Training: the step (megatron's schedules over packed batches), loop, optimizer, checkpoints."""
