@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -59,7 +60,9 @@ def _rank_main(
 
     torch.set_num_threads(1)  # N ranks share 2 cores: oversubscription makes gloo crawl
     try:
-        value = fn(rank, world_size, *args)
+        # Plain pickle bytes: through the queue, torch would share tensors by file descriptor,
+        # which dies with this process before the parent reads it.
+        value = pickle.dumps(fn(rank, world_size, *args))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         results.put((rank, False, traceback.format_exc()))
     else:
@@ -129,7 +132,7 @@ def run_ranks(
                     continue
             if not ok:
                 raise AssertionError(f"rank {rank} of {world_size} failed:\n{value}")
-            values[rank] = value
+            values[rank] = pickle.loads(value)
     finally:
         for proc in procs:
             if proc.is_alive():

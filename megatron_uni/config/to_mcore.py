@@ -113,10 +113,14 @@ def _moe_kwargs(cfg: Config) -> dict[str, Any]:
     }
 
 
-def transformer_config(cfg: Config, *, use_cpu: bool, **overrides: Any) -> TransformerConfig:
+def transformer_config(
+    cfg: Config, *, use_cpu: bool, own_experts: bool = False, **overrides: Any
+) -> TransformerConfig:
     """megatron-core `TransformerConfig` for `cfg`.
 
     `use_cpu` selects the CPU backend's needs (fp32, CPU initialisation, no fused kernels).
+    `own_experts`: the model's experts are megatron_uni's expert linears (moe/), which support
+    biases under expert-TP; megatron's assertion for its own MLP experts does not apply.
     `overrides` are TransformerConfig fields applied last, e.g. `add_bias_linear=False` for a
     GPT baseline; an unknown name raises TypeError as the dataclass does.
     """
@@ -167,6 +171,13 @@ def transformer_config(cfg: Config, *, use_cpu: bool, **overrides: Any) -> Trans
     if "bias_activation_fusion" not in overrides and not kwargs["add_bias_linear"]:
         kwargs["bias_activation_fusion"] = False
     etp = kwargs["expert_tensor_parallel_size"]
+    if own_experts and kwargs.get("num_moe_experts") and kwargs["add_bias_linear"] and etp != 1:
+        # megatron asserts "Bias in Moe is only supported when ETP==1" in __post_init__ for its
+        # MLP experts; build with ETP 1 and record the real size (process groups, which our
+        # expert linears use, come from parallel_state, not from this field).
+        config = TransformerConfig(**{**kwargs, "expert_tensor_parallel_size": 1})
+        config.expert_tensor_parallel_size = etp
+        return config
     if kwargs.get("num_moe_experts") and kwargs["add_bias_linear"] and etp != 1:
         # Caught here, not in validate: it is megatron's limitation for biased experts, and a
         # bias-free build (add_bias_linear=False) is fine with expert-TP.

@@ -20,6 +20,7 @@ from megatron.core.enums import ModelType
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_uni.config import Config
@@ -27,6 +28,7 @@ from megatron_uni.data.batch import PackedBatch, attention_mask
 from megatron_uni.models.heads import MatchingHead
 from megatron_uni.models.layer_spec import encoder_block_spec
 from megatron_uni.models.tokenizers import InputTokenizer
+from megatron_uni.moe.routing import RoutingContext
 
 
 class UniPerceiver(MegatronModule):
@@ -50,9 +52,21 @@ class UniPerceiver(MegatronModule):
         tp = pg_collection.tp.size()
         if pre_process:
             self.tokenizer = InputTokenizer(config, cfg.model, tp)
+        # The MoE layers' side channel for routing conditions (see moe/routing.py).
+        self.routing = RoutingContext(
+            num_tasks=max(len(cfg.data.tasks), 1),
+            sp_rank=pg_collection.tp.rank() if config.sequence_parallel else 0,
+            sp_size=tp if config.sequence_parallel else 1,
+        )
         self.encoder = TransformerBlock(
             config=config,
-            spec=encoder_block_spec(config, cfg.model, get_num_layers_to_build(config)),
+            spec=encoder_block_spec(
+                config,
+                cfg,
+                get_transformer_layer_offset(config),
+                get_num_layers_to_build(config),
+                self.routing,
+            ),
             post_layer_norm=False,
             pre_process=pre_process,
             post_process=post_process,
@@ -69,6 +83,7 @@ class UniPerceiver(MegatronModule):
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Encoder output ``[s, R, h]`` of this stage (the last stage's goes to :meth:`loss`)."""
+        self.routing.update(batch)
         hidden = self.tokenizer(batch) if self.pre_process else None
         return self.encoder(hidden_states=hidden, attention_mask=attention_mask(batch))
 
@@ -87,7 +102,9 @@ def build_model(cfg: Config, use_cpu: bool, pg_collection: Optional[ProcessGroup
     from megatron_uni.config.to_mcore import transformer_config  # noqa: PLC0415
 
     # Our losses are sums with counts (see heads.py): megatron divides by the global count.
-    config = transformer_config(cfg, use_cpu=use_cpu, calculate_per_token_loss=True)
+    config = transformer_config(
+        cfg, use_cpu=use_cpu, calculate_per_token_loss=True, own_experts=True
+    )
     return UniPerceiver(
         config,
         cfg,

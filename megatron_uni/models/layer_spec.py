@@ -20,10 +20,12 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from megatron_uni.config import ModelConfig
+from megatron_uni.config import Config, ModelConfig
 from megatron_uni.models.attention import SDPAttention
 from megatron_uni.models.norm import LayerNorm
 from megatron_uni.models.residual import ScaledResidualAdd
+from megatron_uni.moe.linear import DecisionSlot, MoEColumnLinear, MoERowLinear
+from megatron_uni.moe.routing import RoutingContext
 
 
 def _residual_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpec:
@@ -38,8 +40,41 @@ def _residual_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpec:
     )
 
 
-def dense_layer_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpec:
-    """One dense encoder layer."""
+def _linear_pair(
+    cfg: Config, config: TransformerConfig, routing: RoutingContext, layer: int, pair: str
+) -> tuple[object, object]:
+    """The (column, row) linears of the attention (qkv, out) or MLP (fc1, fc2) of a layer:
+    megatron's dense linears, or expert linears sharing one routing decision."""
+    first, second = ("qkv", "out") if pair == "attn" else ("fc1", "fc2")
+    wanted = set(cfg.moe.linears)
+    slot = DecisionSlot()
+
+    def expert(cls: type, name: str, owns_router: bool) -> ModuleSpec:
+        return ModuleSpec(module=cls, params={
+            "moe": cfg.moe, "routing": routing, "slot": slot, "owns_router": owns_router,
+            "name": f"layer{layer}.{pair}",
+        })
+
+    column = expert(MoEColumnLinear, first, True) if first in wanted else ColumnParallelLinear
+    row = expert(MoERowLinear, second, first not in wanted) if second in wanted else RowParallelLinear
+    return column, row
+
+
+def layer_spec(
+    config: TransformerConfig,
+    cfg: Config,
+    layer: int = 0,
+    routing: RoutingContext | None = None,
+) -> ModuleSpec:
+    """Encoder layer number ``layer`` (global index): dense, or MoE when ``cfg.moe`` places
+    experts there (then ``routing`` carries the conditions)."""
+    model = cfg.model
+    linears = {"attn": (ColumnParallelLinear, RowParallelLinear),
+               "mlp": (ColumnParallelLinear, RowParallelLinear)}
+    if cfg.moe.enabled and layer in cfg.moe.layer_indices(model.num_layers):
+        if routing is None:
+            raise ValueError("an MoE layer needs the model's RoutingContext")
+        linears = {pair: _linear_pair(cfg, config, routing, layer, pair) for pair in linears}
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -48,9 +83,9 @@ def dense_layer_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpe
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.arbitrary},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=linears["attn"][0],
                     core_attention=SDPAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=linears["attn"][1],
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
@@ -60,7 +95,7 @@ def dense_layer_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpe
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                    linear_fc1=linears["mlp"][0], linear_fc2=linears["mlp"][1]
                 ),
             ),
             mlp_bda=_residual_spec(config, model),
@@ -69,10 +104,17 @@ def dense_layer_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpe
 
 
 def encoder_block_spec(
-    config: TransformerConfig, model: ModelConfig, num_layers_this_stage: int
+    config: TransformerConfig,
+    cfg: Config,
+    first_layer: int,
+    num_layers_this_stage: int,
+    routing: RoutingContext | None = None,
 ) -> TransformerBlockSubmodules:
     """The layers of this pipeline stage; no final LayerNorm (the reference encoder has none)."""
     return TransformerBlockSubmodules(
-        layer_specs=[dense_layer_spec(config, model) for _ in range(num_layers_this_stage)],
+        layer_specs=[
+            layer_spec(config, cfg, first_layer + i, routing)
+            for i in range(num_layers_this_stage)
+        ],
         layer_norm=None,
     )

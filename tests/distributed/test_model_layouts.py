@@ -1,6 +1,7 @@
-"""The generalist model reproduces the single-process loss and gradients under TP, PP and DP.
+"""The generalist model reproduces the single-process loss and gradients under TP, PP, DP and
+(with conditional MoE) EP and expert-TP.
 
-One process builds the dense model, saves it with ``dist_checkpointing`` and runs one step's
+One process builds the model (dense, or with 4 experts on qkv/out/fc1/fc2 of every layer), saves it with ``dist_checkpointing`` and runs one step's
 global batch (2 micro-batches) of a task, recording the loss and every parameter's gradient.
 Each layout then builds the model with other random weights, loads the save, runs the same
 global batch (each data-parallel rank its share: retrieval pairs split across ranks, whose
@@ -28,15 +29,29 @@ LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
 
 
-def _cfg(tp: int, pp: int):
+# MoE variants: router/execution; no gate noise (random per step: not comparable across runs).
+VARIANTS = {
+    "dense": [],
+    "attribute-grouped": ["moe.router=attribute", "moe.execution=grouped"],
+    "attribute-dispatch": ["moe.router=attribute", "moe.execution=dispatch"],
+    "token-dispatch": ["moe.router=token", "moe.execution=dispatch"],
+}
+MOE = ["moe.num_experts=4", "moe.topk=2", "moe.layers=all", "moe.noise_std=0"]
+
+
+def _cfg(variant: str, tp: int, pp: int, ep: int = 1, etp: int | None = None):
     from megatron_uni.config import Config, apply_overrides
 
+    moe = [] if variant == "dense" else MOE + VARIANTS[variant]
     return apply_overrides(
         Config(),
         [
+            *moe,
             "parallel.device=cpu",
             f"parallel.tp={tp}",
             f"parallel.pp={pp}",
+            f"parallel.ep={ep}",
+            f"parallel.etp={'null' if etp is None else etp}",
             "parallel.distributed_optimizer=false",
             "model.num_layers=2",
             "model.drop_path_rate=0.0",  # random per step: not comparable across processes
@@ -103,13 +118,13 @@ def _total(per_microbatch: list[dict]) -> torch.Tensor:
     return total
 
 
-def _single(rank: int, world: int, out: str, task: str) -> list[float]:
+def _single(rank: int, world: int, out: str, task: str, variant: str) -> list[float]:
     from megatron.core import dist_checkpointing
 
     from megatron_uni.parallel.initialize import initialize
     from megatron_uni.training.step import forward_backward
 
-    cfg = _cfg(1, 1)
+    cfg = _cfg(variant, 1, 1)
     initialize(cfg)
     torch.manual_seed(0)
     model, ddp = _setup(cfg)
@@ -122,13 +137,15 @@ def _single(rank: int, world: int, out: str, task: str) -> list[float]:
     return total.tolist()
 
 
-def _layout(rank: int, world: int, out: str, task: str, tp: int, pp: int) -> dict:
+def _layout(
+    rank: int, world: int, out: str, task: str, variant: str, layout: tuple
+) -> dict:
     from megatron.core import dist_checkpointing, parallel_state
 
     from megatron_uni.parallel.initialize import initialize
     from megatron_uni.training.step import forward_backward
 
-    cfg = _cfg(tp, pp)
+    cfg = _cfg(variant, *layout)
     runtime = initialize(cfg)
     torch.manual_seed(1000 + rank)  # other weights: only the load can make them agree
     model, ddp = _setup(cfg)
@@ -147,22 +164,42 @@ def _layout(rank: int, world: int, out: str, task: str, tp: int, pp: int) -> dic
     return {"total": total.tolist() if reports else None, "checked": checked, "worst": worst}
 
 
-@pytest.fixture(scope="module", params=["captioning", "retrieval"])
-def reference(request, tmp_path_factory) -> tuple[str, str, list[float]]:
-    out = tmp_path_factory.mktemp(f"model_ref_{request.param}")
-    (total,) = run_ranks(_single, 1, args=(str(out), request.param), timeout=120)
-    assert total[1] > 0 and torch.isfinite(torch.tensor(total)).all()
-    return request.param, str(out), total
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """Single-process runs, made on first use per (task, variant)."""
+    made: dict[tuple[str, str], tuple[str, list[float]]] = {}
+
+    def get(task: str, variant: str) -> tuple[str, list[float]]:
+        if (task, variant) not in made:
+            out = tmp_path_factory.mktemp(f"ref_{task}_{variant}")
+            (total,) = run_ranks(_single, 1, args=(str(out), task, variant), timeout=120)
+            assert total[1] > 0 and torch.isfinite(torch.tensor(total)).all()
+            made[(task, variant)] = (str(out), total)
+        return made[(task, variant)]
+
+    return get
 
 
-@pytest.mark.parametrize(
-    "world,tp,pp",
-    [(2, 2, 1), (2, 1, 2), (2, 1, 1), (4, 2, 2)],
-    ids=["tp2", "pp2", "dp2", "tp2-pp2"],
+# (world, tp, pp, ep, etp)
+DENSE_LAYOUTS = {"tp2": (2, 2, 1, 1, None), "pp2": (2, 1, 2, 1, None), "dp2": (2, 1, 1, 1, None),
+                 "tp2-pp2": (4, 2, 2, 1, None)}
+MOE_LAYOUTS = {"ep2": (2, 1, 1, 2, None), "tp2-ep2-etp2": (4, 2, 1, 2, None),
+               "pp2-ep2": (4, 1, 2, 2, None), "tp2-ep2-etp1": (4, 2, 1, 2, 1)}
+CASES = (
+    [(task, "dense", name) for task in ("captioning", "retrieval") for name in DENSE_LAYOUTS]
+    + [("captioning", variant, name) for variant in ("attribute-grouped", "attribute-dispatch")
+       for name in MOE_LAYOUTS]
+    + [("retrieval", "attribute-grouped", "tp2-ep2-etp2"),
+       ("captioning", "token-dispatch", "ep2"), ("captioning", "token-dispatch", "tp2-ep2-etp2")]
 )
-def test_layout_reproduces_single_process(reference, world: int, tp: int, pp: int) -> None:
-    task, out, (ref_sum, ref_count) = reference
-    results = run_ranks(_layout, world, args=(out, task, tp, pp), timeout=240)
+
+
+@pytest.mark.parametrize("task,variant,layout", CASES, ids=["-".join(c) for c in CASES])
+def test_layout_reproduces_single_process(references, task: str, variant: str, layout: str
+                                          ) -> None:
+    out, (ref_sum, ref_count) = references(task, variant)
+    world, *sizes = {**DENSE_LAYOUTS, **MOE_LAYOUTS}[layout]
+    results = run_ranks(_layout, world, args=(out, task, variant, tuple(sizes)), timeout=240)
     # One reporter per data-parallel replica: their loss sums and counts add up to the
     # single process's.
     totals = torch.tensor([r["total"] for r in results if r["total"] is not None]).sum(0)
@@ -170,7 +207,7 @@ def test_layout_reproduces_single_process(reference, world: int, tp: int, pp: in
     torch.testing.assert_close(
         float(totals[0] / totals[1]), ref_sum / ref_count, rtol=LOSS_RTOL, atol=0.0
     )
-    # Every parameter of the model was compared on some rank.
+    # Every parameter of the model (experts and routers included) was compared on some rank.
     checked = set().union(*(r["checked"] for r in results))
     assert checked == set(torch.load(Path(out) / "grads.pt"))
     assert max(r["worst"] for r in results) <= GRAD_RTOL

@@ -1,0 +1,1 @@
+"""Conditional Mixture-of-Experts: routers, expert linears, execution paths, folding."""

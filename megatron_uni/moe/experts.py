@@ -1,0 +1,155 @@
+"""Expert linear maps, sharded over expert parallelism (EP) and expert tensor parallelism (ETP).
+
+Shape legend: E experts, El = E / EP local experts, o output features, i input features,
+it = i / ETP this rank's input slice, m routed token copies on this rank, G = ETP x EP.
+
+Each expert is one linear map ``y = W_e x + b_e`` (Uni-Perceiver's experts are the qkv, attention
+out, fc1 and fc2 matrices themselves). A rank holds ``El`` experts and, of each, the input-column
+slice of its ETP rank: its products are partial sums that the token-combine step (a reduce-scatter
+over the TP x EP group) adds up, so every ETP size works for every linear; the bias is added on
+ETP rank 0 only.
+
+Two ways to apply them, with the same numbers:
+- :meth:`forward_dispatched`: tokens already permuted to this rank's experts by megatron's
+  dispatcher (any routing);
+- :meth:`full_weights` + merged weights per condition (segment-constant routing): the experts are
+  all-gathered (the backward sums each shard's gradient from every rank) and mixed per decision.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_uni.parallel.autograd_collectives import all_gather_with_grad
+
+
+class ExpertLinears(MegatronModule):
+    """This rank's shard of E expert linear maps ``in_features -> out_features``."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        init_std: float,
+        pg_collection: Any,
+    ) -> None:
+        super().__init__(config=config)
+        self.ep_group, self.etp_group = pg_collection.ep, pg_collection.expt_tp
+        self.tp_ep_group = pg_collection.tp_ep
+        ep, etp = self.ep_group.size(), self.etp_group.size()
+        self.ep_rank, self.etp_rank = self.ep_group.rank(), self.etp_group.rank()
+        if etp > 1 and etp != pg_collection.tp.size():
+            # The bias replicas stay equal through megatron's TP all-reduce (see below), which
+            # is the expert-TP group only when both have the same size.
+            raise ValueError(f"expert-TP {etp} must be 1 or equal to TP {pg_collection.tp.size()}"
+                             f"; set parallel.etp=1 or parallel.etp=null")
+        if num_experts % ep or in_features % etp:
+            raise ValueError(f"{num_experts} experts / {in_features} inputs do not split over "
+                             f"EP={ep} / expert-TP={etp}")
+        self.num_experts, self.num_local = num_experts, num_experts // ep
+        self.in_features, self.out_features = in_features, out_features
+        self.in_shard = in_features // etp
+        self.local_indices = list(range(self.ep_rank * self.num_local,
+                                        (self.ep_rank + 1) * self.num_local))
+        weight = torch.empty(num_experts, out_features, in_features)
+        torch.nn.init.normal_(weight, std=init_std)  # the same full draw on every rank
+        cols = slice(self.etp_rank * self.in_shard, (self.etp_rank + 1) * self.in_shard)
+        self.weight = torch.nn.Parameter(weight[self.local_indices, :, cols].contiguous())
+        self.bias = torch.nn.Parameter(torch.zeros(self.num_local, out_features)) if bias else None
+        for param in self.parameters():
+            param.allreduce = False  # megatron: an expert param, reduced over expert-DP only
+        if self.bias is not None and etp > 1:
+            # Only ETP rank 0 adds the bias; flagged like a sequence-parallel parameter,
+            # finalize_model_grads all-reduces its gradient over the (identical) TP group so the
+            # replicas stay equal.
+            self.bias.sequence_parallel = True
+        self._layout = None
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """Checkpoint view: global ``[E, o, i]`` weight and ``[E, o]`` bias, so a save under one
+        EP / expert-TP layout loads under another."""
+        from megatron.core import parallel_state  # noqa: PLC0415
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor  # noqa: PLC0415
+
+        prepend = len(sharded_offsets)
+        ep, etp = self.ep_group.size(), self.etp_group.size()
+        edp_rank = parallel_state.get_expert_data_parallel_rank()
+        out = {
+            f"{prefix}weight": ShardedTensor.from_rank_offsets(
+                f"{prefix}weight", self.weight, *sharded_offsets,
+                (prepend, self.ep_rank, ep), (prepend + 2, self.etp_rank, etp),
+                replica_id=(0, 0, edp_rank), prepend_axis_num=prepend,
+            )
+        }
+        if self.bias is not None:
+            out[f"{prefix}bias"] = ShardedTensor.from_rank_offsets(
+                f"{prefix}bias", self.bias, *sharded_offsets, (prepend, self.ep_rank, ep),
+                replica_id=(0, self.etp_rank, edp_rank), prepend_axis_num=prepend,
+            )
+        return out
+
+    # ------------------------------------------------------------------ dispatched tokens
+    def forward_dispatched(
+        self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor
+    ) -> torch.Tensor:
+        """tokens [m, i] grouped by local expert -> gate-weighted outputs [m, o] (partial over
+        ETP)."""
+        outputs = []
+        cols = slice(self.etp_rank * self.in_shard, (self.etp_rank + 1) * self.in_shard)
+        for e, chunk in enumerate(torch.split(tokens, tokens_per_expert.tolist())):
+            y = chunk[:, cols] @ self.weight[e].t()
+            if self.bias is not None and self.etp_rank == 0:
+                y = y + self.bias[e]
+            outputs.append(y)
+        out = torch.cat(outputs) if outputs else tokens.new_zeros(0, self.out_features)
+        return out * probs.unsqueeze(-1).to(out.dtype)
+
+    # ------------------------------------------------------------------ all experts, merged
+    def _member_layout(self) -> list[tuple[int, int]]:
+        """(ep rank, etp rank) of every member of the TP x EP group, in group order."""
+        if self._layout is None:
+            mine = torch.tensor([[self.ep_rank, self.etp_rank]])
+            self._layout = [tuple(row) for row in
+                            all_gather_with_grad(mine, self.tp_ep_group).tolist()]
+        return self._layout
+
+    def full_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """All experts, whole: weight [E, o, i], bias [E, o] (autograd through the gather)."""
+        group_size = self.tp_ep_group.size() if dist.is_initialized() else 1
+        if group_size == 1:
+            return self.weight, self.bias
+        shards = all_gather_with_grad(self.weight.reshape(1, -1), self.tp_ep_group)
+        etp = self.etp_group.size()
+        blocks: dict[tuple[int, int], torch.Tensor] = {
+            member: shards[g].view(self.num_local, self.out_features, self.in_shard)
+            for g, member in enumerate(self._member_layout())
+        }
+        ep = self.num_experts // self.num_local
+        weight = torch.cat(
+            [torch.cat([blocks[(r, t)] for t in range(etp)], dim=2) for r in range(ep)], dim=0
+        )
+        bias = None
+        if self.bias is not None:
+            biases = all_gather_with_grad(self.bias.reshape(1, -1), self.tp_ep_group)
+            per_member = {m: biases[g].view(self.num_local, -1)
+                          for g, m in enumerate(self._member_layout())}
+            # ETP rank 0's copy is the one in use (see __init__).
+            bias = torch.cat([per_member[(r, 0)] for r in range(ep)], dim=0)
+        return weight, bias
+
+
+def expert_init_std(config: TransformerConfig, output_layer: bool) -> float:
+    """megatron's init: std for input-side linears, scaled by 1/sqrt(2L) for output-side ones."""
+    std = config.init_method_std
+    return std / math.sqrt(2.0 * config.num_layers) if output_layer else std

@@ -1,0 +1,159 @@
+"""Conditional MoE, single process: every router trains, paths agree, attribute routing ignores
+content and generalises, aux/z losses, top-1 and top-2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.multirank import run_ranks
+from tests.unit.models.test_generalist import _task_batch
+
+MOE = ["moe.num_experts=4", "moe.layers=all", "model.drop_path_rate=0.0",
+       "data.tasks.cap.type=captioning", "data.tasks.ret.type=retrieval"]
+
+
+def _model(overrides: list[str], seed: int = 0):
+    from megatron_uni.config import Config, apply_overrides
+    from megatron_uni.models.generalist import build_model
+    from megatron_uni.parallel.initialize import initialize
+
+    cfg = apply_overrides(Config(), ["parallel.device=cpu", *MOE, *overrides])
+    initialize(cfg)
+    torch.manual_seed(seed)
+    return build_model(cfg, use_cpu=True)
+
+
+def _decisions(model) -> list[torch.Tensor]:
+    from megatron_uni.moe.linear import _MoELinear
+
+    return [m.slot.decision.routing_map.clone() for m in model.modules()
+            if isinstance(m, _MoELinear) and m.router is not None]
+
+
+def _train(rank: int, world: int, router: str, topk: int, execution: str) -> list[float]:
+    model = _model([f"moe.router={router}", f"moe.topk={topk}", f"moe.execution={execution}"])
+    batch = _task_batch("captioning")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss_sum, count, _ = model.loss(batch, model(batch))
+        (loss_sum / count).backward()
+        opt.step()
+        losses.append((loss_sum / count).item())
+    return losses
+
+
+@pytest.mark.parametrize(
+    "router,topk,execution",
+    [("token", 2, "dispatch"), ("context", 2, "dispatch"), ("modality", 2, "grouped"),
+     ("task", 2, "grouped"), ("attribute", 2, "grouped"), ("attribute", 1, "dispatch"),
+     ("token", 1, "dispatch")],
+)
+def test_each_router_trains(router: str, topk: int, execution: str) -> None:
+    (losses,) = run_ranks(_train, 1, args=(router, topk, execution), timeout=120)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.6 * losses[0], f"{router} top-{topk}: {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def _paths(rank: int, world: int, task: str) -> dict:
+    results = {}
+    for execution in ("dispatch", "grouped"):
+        model = _model(["moe.router=attribute", f"moe.execution={execution}", "moe.noise_std=0",
+                        "model.layer_scale_init=1.0", "model.init_method_std=0.2"])
+        batch = _task_batch(task)
+        hidden = model(batch)
+        loss_sum, count, _ = model.loss(batch, hidden)
+        (loss_sum / count).backward()
+        results[execution] = (hidden.detach(), {n: p.grad.clone() for n, p in
+                                                model.named_parameters() if p.grad is not None})
+    (h_d, g_d), (h_g, g_g) = results["dispatch"], results["grouped"]
+    out_err = float((h_d - h_g).abs().max())
+    grad_err = max(float((g_d[n] - g_g[n]).abs().max() / g_d[n].abs().max().clamp(min=1e-12))
+                   for n in g_d)
+    return {"out": out_err, "grad": grad_err, "same_keys": set(g_d) == set(g_g),
+            "expert_grads": sum("experts" in n for n in g_d)}
+
+
+@pytest.mark.parametrize("task", ["captioning", "retrieval"])
+def test_dispatch_and_grouped_paths_agree(task: str) -> None:
+    (res,) = run_ranks(_paths, 1, args=(task,), timeout=120)
+    assert res["same_keys"] and res["expert_grads"] >= 8  # 2 layers x qkv/out/fc1/fc2 weights
+    assert res["out"] < 1e-5 and res["grad"] < 1e-4, res
+
+
+def _content_blind(rank: int, world: int) -> dict:
+    from dataclasses import replace
+
+    model = _model(["moe.router=attribute", "moe.noise_std=0"])
+    model.eval()
+    a, b = _task_batch("captioning", seed=0), _task_batch("captioning", seed=0)
+    b = replace(b, images=torch.randn_like(b.images) * 3,
+                text_ids=torch.where(b.modality == 0, (b.text_ids + 7) % 49408, b.text_ids))
+    with torch.no_grad():
+        out_a = model(a)
+        dec_a = _decisions(model)
+        out_b = model(b)
+        dec_b = _decisions(model)
+        # An attribute vector never seen in training routes without error.
+        novel = a.attributes.clone()
+        novel[0] = torch.tensor([0.0, 0, 1, 0, 1, 1, 1, 1])
+        model(replace(a, attributes=novel))
+        dec_novel = _decisions(model)
+    return {
+        "inputs_differ": not torch.allclose(out_a, out_b),
+        "same_routes": all(torch.equal(x, y) for x, y in zip(dec_a, dec_b)),
+        "novel_routes": len(dec_novel) == len(dec_a),
+    }
+
+
+def test_attribute_routing_ignores_content_and_routes_unseen_attributes() -> None:
+    (res,) = run_ranks(_content_blind, 1, timeout=60)
+    assert res == {"inputs_differ": True, "same_routes": True, "novel_routes": True}
+
+
+def _aux(rank: int, world: int, aux: float, z: float) -> dict:
+    model = _model(["moe.router=token", f"moe.aux_loss_coeff={aux}", f"moe.z_loss_coeff={z}",
+                    "moe.noise_std=0"])
+    batch = _task_batch("captioning")
+    loss_sum, count, _ = model.loss(batch, model(batch))
+    (loss_sum / count).backward()
+    router_grads = torch.cat([p.grad.reshape(-1) for n, p in model.named_parameters()
+                              if "router" in n and p.grad is not None])
+    return {"loss": float(loss_sum / count), "router_grads": router_grads,
+            "logged": dict(model.routing.losses)}
+
+
+def test_aux_and_z_losses_cost_nothing_off_and_act_when_on() -> None:
+    off = run_ranks(_aux, 1, args=(0.0, 0.0), timeout=60)[0]
+    aux = run_ranks(_aux, 1, args=(0.5, 0.0), timeout=60)[0]
+    z = run_ranks(_aux, 1, args=(0.0, 0.5), timeout=60)[0]
+    assert off["logged"] == {}  # not even computed
+    assert any(k.endswith(".aux") for k in aux["logged"]) and all(v > 0 for v in aux["logged"].values())
+    assert any(k.endswith(".z") for k in z["logged"]) and all(v > 0 for v in z["logged"].values())
+    # The task loss of the forward is the same; the objective (its gradients) is not.
+    assert aux["loss"] == pytest.approx(off["loss"]) and z["loss"] == pytest.approx(off["loss"])
+    assert not torch.allclose(aux["router_grads"], off["router_grads"])
+    assert not torch.allclose(z["router_grads"], off["router_grads"])
+
+
+def _grouped_token(rank: int, world: int) -> str:
+    try:
+        _model(["moe.router=token", "moe.execution=grouped"])
+    except ValueError as err:
+        return str(err)
+    return "built"
+
+
+def test_execution_choice() -> None:
+    from megatron_uni.config import Config, apply_overrides
+    from megatron_uni.moe.linear import resolve_execution
+
+    auto = {r: resolve_execution(apply_overrides(Config(), ["moe.num_experts=4",
+                                                            f"moe.router={r}"]).moe)
+            for r in ("token", "context", "modality", "task", "attribute")}
+    assert auto == {"token": "dispatch", "context": "dispatch", "modality": "grouped",
+                    "task": "grouped", "attribute": "grouped"}
+    (msg,) = run_ranks(_grouped_token, 1, timeout=60)
+    assert "segment-constant router" in msg
