@@ -36,6 +36,8 @@ setup(
         "test": ["pytest>=8"],
         "deepspeed": ["deepspeed>=0.14"],
         "mpi": ["mpi4py>=3.1"],
+        # tools/plot_routing.py (routing heatmaps); the library never imports it.
+        "plots": ["matplotlib>=3.7"],
         # apex and Transformer Engine are optional accelerators, installed from their own
         # instructions (they need a CUDA toolchain); nothing here requires them.
     },

@@ -174,6 +174,11 @@ class ConditionalRouter(MegatronModule):
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_idx, True)
         return probs, routing_map
 
+    def clean_gates(self, conditions: torch.Tensor) -> torch.Tensor:
+        """Noise-free sparse gates [A, E] for condition vectors [A, D] (segment-constant
+        routers): what eval routing gives every token of each condition (used by folding)."""
+        return self._select(self._gate(conditions))[0]
+
     def forward(self, hidden: torch.Tensor) -> tuple[Decision, torch.Tensor]:
         """hidden [n, h] (this rank's tokens) -> (decision, per-token clean logits [n, E])."""
         ctx = self.ctx
