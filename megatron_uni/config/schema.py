@@ -202,9 +202,27 @@ class TaskConfig:
     target_set: str = _f("", help="shared candidate set (class names, vocab); '' = none")
     split_target_set: bool = _f(False, help="encode the target set split across DP ranks")
     label_smoothing: float = _f(0.0, help="label smoothing in [0, 1)")
-    mixup: float = _f(0.0, help="mixup alpha; 0 = off")
-    cutmix: float = _f(0.0, help="cutmix alpha; 0 = off")
+    mixup: float = _f(0.0, help="mixup alpha; 0 = off (classification only)")
+    cutmix: float = _f(0.0, help="cutmix alpha; 0 = off (classification only)")
     eval_shards: str = _f("", help="evaluation shard pattern; '' = no evaluation")
+    video: bool | None = _f(
+        None, help="inputs are videos (frame members); null = video_classification or frames > 1"
+    )
+    num_rows: int | None = _f(
+        None, help="rows R of every micro-batch; null = worst case of the batch and target set"
+    )
+    max_text_len: int | None = _f(
+        None, help="text tokens kept per MLM text or caption; null = as many as fit seq_len"
+    )
+    mask_prob: float = _f(
+        0.15, help="MLM: fraction of words masked (80% <|mask|>, 10% random, 10% kept)"
+    )
+    crop_scale: tuple[float, float] = _f(
+        (0.08, 1.0), help="training random-resized-crop area range, written [lo, hi]"
+    )
+    hflip: float = _f(0.0, help="training horizontal-flip probability")
+    rand_augment: str = _f("", help="timm RandAugment spec (e.g. rand-m9-mstd0.5-inc1); '' = off")
+    crop_pct: float = _f(0.875, help="evaluation centre crop: resize to image_size / crop_pct first")
 
 
 @dataclass
@@ -215,6 +233,11 @@ class DataConfig:
     num_workers: int = _f(0, help="DataLoader worker processes")
     seed: int = _f(1234, help="data order seed")
     max_bad_samples: int = _f(100, help="undecodable samples tolerated before failing")
+    reader_streams: int = _f(
+        4, help="shard streams per data-parallel rank; num_workers must divide it"
+    )
+    shuffle_buffer: int = _f(64, help="samples shuffled together within a shard (1 = file order)")
+    prefetch_factor: int = _f(2, help="steps each loader worker prepares ahead")
     tasks: dict[str, TaskConfig] = _f(help="task name -> task", factory=dict)
 
 

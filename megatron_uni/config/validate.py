@@ -9,6 +9,10 @@ Decisions recorded here:
   megatron refuses it too, and an explicit request that cannot be honoured should be loud.
 - `parallel.vpp`, when set, must be >= 2 (1 virtual stage is no interleaving: write null).
 - `optim.warmup_steps > train.steps` is allowed (short debug runs).
+- `data.num_workers` must divide `data.reader_streams`: worker w serves the shard streams
+  w, w + W, ..., so batches do not depend on the number of workers.
+- Data rules here check single tasks; shards and target sets on disk are checked when
+  the loader starts (`megatron_uni/data/task_plan.py`), also as `ConfigError`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from megatron_uni.config.schema import Config, ConfigError, coerce
+from megatron_uni.config.schema import Config, ConfigError, TaskConfig, coerce
 
 
 def _divisors(n: int) -> list[int]:
@@ -70,6 +74,9 @@ _LOWER_BOUNDS: list[tuple[str, float, bool]] = [
     ("parallel.timeout_minutes", 1, True),
     ("data.num_workers", 0, True),
     ("data.max_bad_samples", 0, True),
+    ("data.reader_streams", 1, True),
+    ("data.shuffle_buffer", 1, True),
+    ("data.prefetch_factor", 1, True),
     ("optim.lr", 0, True),
     ("optim.min_lr", 0, True),
     ("optim.weight_decay", 0, True),
@@ -95,7 +102,16 @@ _TASK_LOWER_BOUNDS: list[tuple[str, float, bool]] = [
     ("label_smoothing", 0, True),
     ("mixup", 0, True),
     ("cutmix", 0, True),
+    ("num_rows", 1, True),
+    ("max_text_len", 1, True),
+    ("mask_prob", 0, False),
+    ("hflip", 0, True),
+    ("crop_pct", 0, False),
 ]
+
+# (task field, what it is) for fields that must lie in [.., 1].
+_TASK_AT_MOST_ONE = [("mask_prob", "a fraction"), ("hflip", "a probability"),
+                     ("crop_pct", "a fraction")]
 
 
 def _check_bound(path: str, value: object, low: float, inclusive: bool) -> None:
@@ -121,6 +137,19 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(
                 "label smoothing must be < 1", field=f"data.tasks.{name}.label_smoothing",
                 value=task.label_smoothing, fix="use a value in [0, 1), e.g. 0.1",
+            )
+        for key, what in _TASK_AT_MOST_ONE:
+            if getattr(task, key) > 1:
+                raise ConfigError(
+                    f"must be {what} (at most 1)", field=f"data.tasks.{name}.{key}",
+                    value=getattr(task, key), fix="use a value in (0, 1]",
+                )
+        low, high = task.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ConfigError(
+                "crop area range must satisfy 0 < lo <= hi <= 1",
+                field=f"data.tasks.{name}.crop_scale", value=task.crop_scale,
+                fix="use e.g. [0.08, 1.0]",
             )
     if cfg.model.drop_path_rate >= 1:
         raise ConfigError(
@@ -281,25 +310,76 @@ def _check_precision(cfg: Config) -> None:
 
 
 def _check_data(cfg: Config) -> None:
-    tasks = cfg.data.tasks
+    tasks, d = cfg.data.tasks, cfg.data
     if tasks and not any(t.weight > 0 for t in tasks.values()):
         raise ConfigError(
             "every task has weight 0, so no task can be sampled", field="data.tasks",
             fix="give at least one data.tasks.<name>.weight a value > 0",
         )
+    if d.num_workers > 0 and d.reader_streams % d.num_workers:
+        # Worker w serves the streams s with s % num_workers == w; batches then do not depend
+        # on the number of workers (data/loader.py).
+        ok = _one_of(_divisors(d.reader_streams))
+        raise ConfigError(
+            f"loader workers must divide data.reader_streams ({d.reader_streams})",
+            field="data.num_workers", value=d.num_workers,
+            fix=f"set data.num_workers to 0 or one of {ok}, or data.reader_streams to a "
+            f"multiple of {d.num_workers}",
+        )
     for name, task in tasks.items():
-        if task.num_frames > cfg.model.max_frames:
+        _check_task(cfg, name, task)
+
+
+def _check_task(cfg: Config, name: str, task: TaskConfig) -> None:
+    path = f"data.tasks.{name}"
+    if task.num_frames > cfg.model.max_frames:
+        raise ConfigError(
+            f"more frames than model.max_frames ({cfg.model.max_frames}) temporal embeddings",
+            field=f"data.tasks.{name}.num_frames", value=task.num_frames,
+            fix=f"use at most {cfg.model.max_frames} frames or raise model.max_frames",
+        )
+    if task.image_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"image size must be a multiple of model.patch_size ({cfg.model.patch_size})",
+            field=f"data.tasks.{name}.image_size", value=task.image_size,
+            fix=f"use a multiple of {cfg.model.patch_size}",
+        )
+    classification = task.type in ("image_classification", "video_classification")
+    for key in ("mixup", "cutmix"):
+        if getattr(task, key) > 0 and not classification:
             raise ConfigError(
-                f"more frames than model.max_frames ({cfg.model.max_frames}) temporal embeddings",
-                field=f"data.tasks.{name}.num_frames", value=task.num_frames,
-                fix=f"use at most {cfg.model.max_frames} frames or raise model.max_frames",
+                f"{key} mixes images and their class labels, so it applies to classification "
+                f"only, not {task.type}", field=f"{path}.{key}", value=getattr(task, key),
+                fix=f"set {path}.{key}=0",
             )
-        if task.image_size % cfg.model.patch_size:
-            raise ConfigError(
-                f"image size must be a multiple of model.patch_size ({cfg.model.patch_size})",
-                field=f"data.tasks.{name}.image_size", value=task.image_size,
-                fix=f"use a multiple of {cfg.model.patch_size}",
-            )
+    if task.type == "image_classification" and task.video:
+        raise ConfigError(
+            "image classification reads images, not videos", field=f"{path}.video",
+            value=task.video, fix=f"set {path}.video=null or {path}.type=video_classification",
+        )
+    if task.video is False and (task.type == "video_classification" or task.num_frames > 1):
+        raise ConfigError(
+            "inputs with several frames (or video classification) are videos",
+            field=f"{path}.video", value=task.video,
+            fix=f"set {path}.video=null (or true), or {path}.num_frames=1",
+        )
+    if task.type == "image_classification" and task.num_frames > 1:
+        raise ConfigError(
+            "an image is one frame", field=f"{path}.num_frames", value=task.num_frames,
+            fix=f"set {path}.num_frames=1 or {path}.type=video_classification",
+        )
+    if task.type == "retrieval" and (task.target_set or task.split_target_set):
+        key = "target_set" if task.target_set else "split_target_set"
+        raise ConfigError(
+            "retrieval scores each input against the other captions of the batch; it has no "
+            "shared target set", field=f"{path}.{key}", value=getattr(task, key),
+            fix=f"remove {path}.{key}",
+        )
+    if task.rand_augment and not task.rand_augment.startswith("rand"):
+        raise ConfigError(
+            "not a timm RandAugment spec", field=f"{path}.rand_augment", value=task.rand_augment,
+            fix="write e.g. rand-m9-mstd0.5-inc1, or '' for none",
+        )
 
 
 def _check_optim(cfg: Config) -> None:

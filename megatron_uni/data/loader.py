@@ -1,0 +1,366 @@
+"""The multi-task training stream (:class:`MultiTaskLoader`) and evaluation (:class:`EvalLoader`).
+
+Each training step trains one task, drawn by weight from ``(data.seed, step)`` alone
+(:mod:`megatron_uni.data.sampler`): every data-parallel rank trains the same task at the same
+step, because retrieval negatives and split target sets are gathered across data-parallel ranks
+and those collectives need every rank in the same task. A step is ``num_microbatches``
+micro-batches of that task (gradient accumulation), each a :class:`PackedBatch` of the task's
+fixed shape [R, S].
+
+What a rank reads. Every task has ``data.reader_streams`` (V) independent
+:class:`~megatron_uni.data.readers.SampleStream` s per data-parallel rank; step ``k`` takes its
+micro-batches from stream ``k % V`` of its task. Shards are split over the ``dp_size * V``
+streams of all ranks. Loader worker ``w`` of ``W`` (W divides V) serves the steps with
+``k % W == w``, hence exactly the streams ``v % W == w``, and the main process puts the steps
+back in order. So the batches are a function of (data.seed, dp_rank, dp_size, V, step,
+micro-batch index) only: not of the global rank (tensor- and pipeline-parallel peers of a
+replica build identical batches), and not of the number of workers (0, 1, 2 and 4 workers give
+the same stream, and a run may resume with another number of workers).
+
+Resuming. :meth:`MultiTaskLoader.state_dict` is the data position: the next step, and per
+(task, stream) its :class:`~megatron_uni.data.readers.Position` and bad-sample count; after
+:meth:`~MultiTaskLoader.load_state_dict` the stream continues exactly (shards are re-opened and
+the samples before the position skipped without decoding). ``start_step`` without a saved state
+fast-forwards by counting the samples each stream would have used; that is exact unless samples
+failed to decode before ``start_step``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from megatron_uni.config import Config, ConfigError
+from megatron_uni.data.batch import PackedBatch
+from megatron_uni.data.examples import Decoder, Example, SampleError, make_micro_batch
+from megatron_uni.data.readers import (
+    BadDataError,
+    BadSampleCounter,
+    Position,
+    SampleStream,
+    read_in_order,
+    stable_hash,
+)
+from megatron_uni.data.sampler import TaskSampler
+from megatron_uni.data.task_plan import TaskPlan, plan_task, plan_training_tasks
+from megatron_uni.data.transforms import seeded
+from megatron_uni.models.text_tokenizer import ClipTokenizer, get_tokenizer
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass
+class _Step:
+    """One produced step, with the position of the stream it used after producing it."""
+
+    step: int
+    task: str
+    batches: list[PackedBatch]
+    stream: int
+    position: tuple[int, int, int]
+    bad_samples: int
+
+
+@dataclass
+class _Setup:
+    """Everything a producer needs; pickled into loader workers."""
+
+    plans: dict[str, TaskPlan]
+    sampler: TaskSampler
+    seed: int
+    dp_rank: int
+    dp_size: int
+    num_streams: int
+    num_microbatches: int
+    shuffle_buffer: int
+    max_bad_samples: int
+    start_step: int
+    positions: dict[str, list[tuple[int, int, int] | None]] = field(default_factory=dict)
+    bad: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+class _Producer:
+    """Builds steps from the streams it owns (created on first use)."""
+
+    def __init__(self, setup: _Setup, tokenizer: ClipTokenizer) -> None:
+        self.setup = setup
+        self.tokenizer = tokenizer
+        self.streams: dict[tuple[str, int], SampleStream] = {}
+        self.decoders = {n: Decoder(p, tokenizer, train=True) for n, p in setup.plans.items()}
+        self._history: np.ndarray | None = None
+
+    def _stream(self, task: str, v: int) -> SampleStream:
+        if (task, v) in self.streams:
+            return self.streams[task, v]
+        s = self.setup
+        saved = s.positions.get(task, [None] * s.num_streams)[v]
+        counter = BadSampleCounter(task, s.max_bad_samples, s.bad.get(task, [0] * s.num_streams)[v])
+        stream = SampleStream(
+            list(s.plans[task].shards), task=task, seed=s.seed,
+            unit=s.dp_rank * s.num_streams + v, num_units=s.dp_size * s.num_streams,
+            shuffle_buffer=s.shuffle_buffer, counter=counter,
+            position=Position(*saved) if saved is not None else Position(),
+        )
+        if saved is None and s.start_step > 0:
+            for _ in range(self._samples_before_start(task, v)):
+                next(stream)
+        self.streams[task, v] = stream
+        return stream
+
+    def _samples_before_start(self, task: str, v: int) -> int:
+        """Samples stream v of ``task`` used in steps before start_step (no decode failures)."""
+        s = self.setup
+        if self._history is None:
+            self._history = s.sampler.indices(0, s.start_step)
+        steps = np.arange(s.start_step)
+        drawn = (self._history == s.sampler.names.index(task)) & (steps % s.num_streams == v)
+        return int(drawn.sum()) * s.num_microbatches * s.plans[task].cfg.micro_batch_size
+
+    def produce(self, step: int) -> _Step:
+        s = self.setup
+        task = s.sampler.task_at(step)
+        v = step % s.num_streams
+        stream = self._stream(task, v)
+        plan, decoder = s.plans[task], self.decoders[task]
+        batches = []
+        for j in range(s.num_microbatches):
+            seed = [s.seed, stable_hash("batch", task), s.dp_rank, step, j]
+            rng = np.random.default_rng(seed)
+            examples: list[Example] = []
+            with seeded(int(rng.integers(2**62))) as reseed:
+                while len(examples) < plan.cfg.micro_batch_size:
+                    raw = next(stream)
+                    sample_rng = np.random.default_rng([*seed, len(examples)])
+                    try:
+                        examples.append(decoder(raw, sample_rng, reseed))
+                    except SampleError as err:
+                        stream.skip(raw, str(err))
+                batches.append(make_micro_batch(plan, examples, rng, train=True))
+        return _Step(step, task, batches, v, tuple(stream.position), stream.counter.count)
+
+
+class _StepDataset(IterableDataset):
+    """Endless steps; in a worker only the steps (and streams) of that worker."""
+
+    def __init__(self, setup: _Setup) -> None:
+        self.setup = setup
+
+    def __iter__(self) -> Iterator[_Step]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        producer = _Producer(self.setup, get_tokenizer())
+        start = self.setup.start_step
+        first = start + (worker - start) % workers
+        for step in itertools.count(first, workers):
+            yield producer.produce(step)
+
+
+def _check_transforms(plan: TaskPlan, tokenizer: ClipTokenizer) -> None:
+    try:
+        Decoder(plan, tokenizer, train=True)
+    except (AssertionError, ValueError, KeyError) as err:
+        field = f"data.tasks.{plan.name}.rand_augment"
+        raise ConfigError(
+            f"task {plan.name}: timm cannot build its training transform ({err!r})",
+            field=field, value=plan.cfg.rand_augment,
+            fix="use a timm RandAugment spec such as rand-m9-mstd0.5-inc1, or ''",
+        ) from None
+
+
+class MultiTaskLoader:
+    """Training micro-batches for data-parallel rank ``dp_rank`` of ``dp_size``.
+
+    ``next_step() -> (task name, [PackedBatch] * num_microbatches)``; also an iterator of
+    those. ``state_dict()`` / ``load_state_dict()`` save and restore the data position.
+    ``num_workers`` overrides ``data.num_workers``.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        dp_rank: int,
+        dp_size: int,
+        num_microbatches: int,
+        start_step: int = 0,
+        *,
+        num_workers: int | None = None,
+    ) -> None:
+        if num_microbatches < 1:
+            raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        d = cfg.data
+        self.num_workers = d.num_workers if num_workers is None else num_workers
+        if self.num_workers > 0 and d.reader_streams % self.num_workers:
+            raise ConfigError(
+                f"loader workers must divide data.reader_streams ({d.reader_streams})",
+                field="data.num_workers", value=self.num_workers,
+                fix="use a divisor of data.reader_streams, or change data.reader_streams",
+            )
+        tokenizer = get_tokenizer()
+        self.plans = plan_training_tasks(cfg, dp_rank, dp_size, tokenizer)
+        for plan in self.plans.values():
+            # Fails here, not in a worker, on a bad augmentation spec; and workers forked from
+            # this process find timm imported already.
+            _check_transforms(plan, tokenizer)
+        sampler = TaskSampler({n: cfg.data.tasks[n].weight for n in self.plans}, d.seed)
+        self._setup = _Setup(
+            plans=self.plans, sampler=sampler, seed=d.seed, dp_rank=dp_rank, dp_size=dp_size,
+            num_streams=d.reader_streams, num_microbatches=num_microbatches,
+            shuffle_buffer=d.shuffle_buffer, max_bad_samples=d.max_bad_samples,
+            start_step=start_step,
+            positions={n: [None] * d.reader_streams for n in self.plans},
+            bad={n: [0] * d.reader_streams for n in self.plans},
+        )
+        self.sampler = sampler
+        self.prefetch_factor = d.prefetch_factor
+        self._step = start_step
+        self._pending: dict[int, _Step] = {}
+        self._loader: DataLoader | None = None
+        self._iterator: Iterator[_Step] | None = None
+
+    # ------------------------------------------------------------------ iteration
+    @property
+    def step(self) -> int:
+        """The step the next call of :meth:`next_step` returns."""
+        return self._step
+
+    @property
+    def bad_samples(self) -> int:
+        """Samples and shards skipped so far (over all tasks and streams of this rank)."""
+        return sum(sum(v) for v in self._setup.bad.values())
+
+    def _start(self) -> Iterator[_Step]:
+        dataset = _StepDataset(copy.deepcopy(self._setup))  # workers see a snapshot
+        if self.num_workers == 0:
+            return iter(dataset)
+        self._loader = DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+            prefetch_factor=self.prefetch_factor,
+        )
+        return iter(self._loader)
+
+    def next_step(self) -> tuple[str, list[PackedBatch]]:
+        """The task and micro-batches of the next step."""
+        if self._iterator is None:
+            self._iterator = self._start()
+        while self._step not in self._pending:
+            item = next(self._iterator)
+            self._pending[item.step] = item
+        item = self._pending.pop(self._step)
+        s = self._setup
+        s.positions[item.task][item.stream] = item.position
+        s.bad[item.task][item.stream] = item.bad_samples
+        if self.bad_samples > s.max_bad_samples:
+            raise BadDataError(
+                f"{self.bad_samples} bad samples or shards on this rank, more than "
+                f"data.max_bad_samples={s.max_bad_samples} (see the warnings above)"
+            )
+        self._step += 1
+        return item.task, item.batches
+
+    def __iter__(self) -> Iterator[tuple[str, list[PackedBatch]]]:
+        while True:
+            yield self.next_step()
+
+    # ------------------------------------------------------------------ position
+    def state_dict(self) -> dict[str, Any]:
+        """The data position after the steps returned so far (plain Python values)."""
+        s = self._setup
+        return {
+            "version": STATE_VERSION,
+            "step": self._step,
+            "seed": s.seed,
+            "dp_rank": s.dp_rank,
+            "dp_size": s.dp_size,
+            "reader_streams": s.num_streams,
+            "positions": {t: [list(p) if p is not None else None for p in ps]
+                          for t, ps in s.positions.items()},
+            "bad_samples": {t: list(c) for t, c in s.bad.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (from :meth:`state_dict` of a loader with the same data
+        config, rank and data-parallel size); restarts the workers."""
+        s = self._setup
+        expected = {"version": STATE_VERSION, "seed": s.seed, "dp_rank": s.dp_rank,
+                    "dp_size": s.dp_size, "reader_streams": s.num_streams}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"data position saved with {key}={state.get(key)} cannot resume a loader "
+                    f"with {key}={value}"
+                )
+        self.close()
+        for task in self.plans:
+            saved = state["positions"].get(task)
+            s.positions[task] = ([tuple(p) if p is not None else None for p in saved]
+                                 if saved is not None else [None] * s.num_streams)
+            s.bad[task] = list(state["bad_samples"].get(task, [0] * s.num_streams))
+        s.start_step = self._step = int(state["step"])
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Stop the loader workers (a later :meth:`next_step` starts them again)."""
+        iterator, self._iterator, self._loader = self._iterator, None, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        s = self._setup
+        s.start_step = self._step
+        self._pending.clear()
+
+    def __enter__(self) -> MultiTaskLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EvalLoader:
+    """Evaluation micro-batches of one task: its ``eval_shards`` once, in file order,
+    evaluation transforms, no mixup. Sample ``i`` goes to data-parallel rank ``i % dp_size``;
+    the last micro-batch may be smaller (same [R, S] shape, fewer sequences)."""
+
+    def __init__(self, cfg: Config, task: str, dp_rank: int = 0, dp_size: int = 1) -> None:
+        if task not in cfg.data.tasks:
+            raise ConfigError(f"no task {task!r} in data.tasks ({', '.join(cfg.data.tasks)})",
+                              field="data.tasks", fix="name a configured task")
+        self.tokenizer = get_tokenizer()
+        self.plan = plan_task(cfg, task, dp_rank, dp_size, self.tokenizer,
+                              need_train=False, need_eval=True)
+        self.seed, self.dp_rank, self.dp_size = cfg.data.seed, dp_rank, dp_size
+        self.counter = BadSampleCounter(task, cfg.data.max_bad_samples)
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        plan = self.plan
+        decoder = Decoder(plan, self.tokenizer, train=False)
+        examples: list[Example] = []
+        raws = read_in_order(list(plan.eval_shards), self.counter)
+        for i, raw in enumerate(raws):
+            if i % self.dp_size != self.dp_rank:
+                continue
+            rng = np.random.default_rng([self.seed, stable_hash("eval", plan.name), i])
+            try:
+                with seeded(int(rng.integers(2**62))) as reseed:
+                    examples.append(decoder(raw, rng, reseed))
+            except SampleError as err:
+                self.counter.record(raw.shard, raw.key, str(err))
+                continue
+            if len(examples) == plan.cfg.micro_batch_size:
+                yield make_micro_batch(plan, examples, rng, train=False)
+                examples = []
+        if examples:
+            yield make_micro_batch(plan, examples, np.random.default_rng(0), train=False)
+

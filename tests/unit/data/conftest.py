@@ -1,0 +1,52 @@
+"""Shared fixtures: a small demo dataset (session-wide) and configs that read it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_uni.config import Config, load_config
+from megatron_uni.data.batch import PackedBatch
+from megatron_uni.data.demo import make_demo_data
+
+REPO = Path(__file__).resolve().parents[3]
+DEMO_RUN = REPO / "configs" / "runs" / "demo_data.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_data(root, seed=0, num_train=96, num_eval=12, num_train_shards=4)
+    return root
+
+
+def demo_config(root: Path, *overrides: str) -> Config:
+    return load_config(DEMO_RUN, [f"data.root={root}", *overrides])
+
+
+@pytest.fixture
+def demo_cfg(demo_root: Path) -> Config:
+    return demo_config(demo_root)
+
+
+def assert_batches_equal(a: PackedBatch, b: PackedBatch) -> None:
+    """Every tensor (and the loss spec) of two packed batches is identical."""
+    assert (a.task_name, a.task_id) == (b.task_name, b.task_id)
+    for name in ("text_ids", "patch_index", "seq_id", "position", "modality", "side", "segment",
+                 "attribute", "attributes", "images", "spe_index"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("query_index", "target_index", "labels"):
+        assert torch.equal(getattr(a.loss, name), getattr(b.loss, name)), name
+    assert (a.loss.soft_labels is None) == (b.loss.soft_labels is None)
+    if a.loss.soft_labels is not None:
+        assert torch.equal(a.loss.soft_labels, b.loss.soft_labels)
+
+
+def assert_steps_equal(a: list, b: list) -> None:
+    assert [task for task, _ in a] == [task for task, _ in b]
+    for (_, xs), (_, ys) in zip(a, b):
+        assert len(xs) == len(ys)
+        for x, y in zip(xs, ys):
+            assert_batches_equal(x, y)

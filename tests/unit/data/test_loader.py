@@ -1,0 +1,91 @@
+"""The training stream: deterministic, independent of loader workers, resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_uni.config import Config, ConfigError
+from megatron_uni.data.loader import MultiTaskLoader
+from megatron_uni.data.sampler import TaskSampler
+from tests.unit.data.conftest import assert_steps_equal, demo_config
+
+STEPS = 14
+
+
+def run(cfg: Config, steps: int, *, workers: int = 0, dp_rank: int = 0, dp_size: int = 1,
+        microbatches: int = 2, start_step: int = 0) -> list:
+    with MultiTaskLoader(cfg, dp_rank, dp_size, microbatches, start_step,
+                         num_workers=workers) as loader:
+        return [loader.next_step() for _ in range(steps)]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_root: Path) -> list:
+    """The uninterrupted stream every other run is compared with."""
+    return run(demo_config(demo_root), STEPS)
+
+
+def test_same_seed_same_batches_and_tasks_follow_the_sampler(demo_cfg: Config,
+                                                              reference: list) -> None:
+    assert_steps_equal(run(demo_cfg, STEPS), reference)
+    weights = {n: t.weight for n, t in demo_cfg.data.tasks.items()}
+    assert [task for task, _ in reference] == TaskSampler(weights, demo_cfg.data.seed).tasks(
+        0, STEPS)
+    for task, batches in reference:
+        assert len(batches) == 2 and all(b.task_name == task for b in batches)
+        a, b = batches
+        assert not (torch.equal(a.text_ids, b.text_ids) and torch.equal(a.images, b.images))
+    other = run(demo_config(demo_cfg.data.root, "data.seed=7"), 4)
+    assert [t for t, _ in other] != [t for t, _ in reference[:4]] or not torch.equal(
+        other[0][1][0].images, reference[0][1][0].images)
+
+
+def test_workers_do_not_change_the_stream(demo_cfg: Config, reference: list) -> None:
+    assert_steps_equal(run(demo_cfg, STEPS, workers=2), reference)
+
+
+def test_resume_from_saved_position_matches_uninterrupted(demo_cfg: Config,
+                                                          reference: list) -> None:
+    cut = 6
+    with MultiTaskLoader(demo_cfg, 0, 1, 2, num_workers=2) as loader:
+        first = [loader.next_step() for _ in range(cut)]
+        state = json.loads(json.dumps(loader.state_dict()))  # plain values, as in a checkpoint
+    assert state["step"] == cut
+    assert_steps_equal(first, reference[:cut])
+    resumed = MultiTaskLoader(demo_cfg, 0, 1, 2, num_workers=0)  # another worker count
+    resumed.load_state_dict(state)
+    assert resumed.step == cut
+    assert_steps_equal([resumed.next_step() for _ in range(STEPS - cut)], reference[cut:])
+    # Resuming the same loader in place works too.
+    resumed.load_state_dict(state)
+    assert_steps_equal([resumed.next_step() for _ in range(2)], reference[cut : cut + 2])
+
+
+def test_start_step_without_state_fast_forwards(demo_cfg: Config, reference: list) -> None:
+    assert_steps_equal(run(demo_cfg, STEPS - 9, start_step=9), reference[9:])
+
+
+def test_data_parallel_ranks_share_tasks_not_samples(demo_cfg: Config) -> None:
+    rank0 = run(demo_cfg, 6, dp_rank=0, dp_size=2, microbatches=1)
+    rank1 = run(demo_cfg, 6, dp_rank=1, dp_size=2, microbatches=1)
+    assert [t for t, _ in rank0] == [t for t, _ in rank1]  # synchronised task draws
+    for (_, a), (_, b) in zip(rank0, rank1):
+        assert a[0].text_ids.shape == b[0].text_ids.shape  # fixed shapes
+        assert not (torch.equal(a[0].text_ids, b[0].text_ids)
+                    and torch.equal(a[0].images, b[0].images))
+    # A replica's tensor/pipeline peers call with the same (dp_rank, dp_size): same batches.
+    assert_steps_equal(run(demo_cfg, 6, dp_rank=1, dp_size=2, microbatches=1), rank1)
+
+
+def test_position_from_another_setup_is_refused(demo_cfg: Config) -> None:
+    loader = MultiTaskLoader(demo_cfg, 0, 2, 1)
+    loader.next_step()
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="dp_rank=0 cannot resume a loader with dp_rank=1"):
+        MultiTaskLoader(demo_cfg, 1, 2, 1).load_state_dict(state)
+    with pytest.raises(ConfigError, match="data.num_workers=3"):
+        MultiTaskLoader(demo_cfg, 0, 1, 1, num_workers=3)

@@ -1,0 +1,51 @@
+"""Task draws: frequencies match the weights, identical on every rank, stateless."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megatron_uni.data.sampler import TaskSampler, uniform
+
+# The demo's weights (configs/tasks/demo.yaml) plus a held-out task of weight 0.
+WEIGHTS = {"image_cls": 2.5, "video_cls": 1.2, "mlm": 2.75, "image_caption": 1.8,
+           "image_text_retrieval": 1.8, "held_out": 0.0}
+# Chi-square critical value for 4 degrees of freedom at p = 0.001.
+CHI2_DF4_P001 = 18.467
+
+
+@pytest.mark.parametrize("seed", [0, 1, 1234])
+def test_frequencies_over_10000_draws_match_weights(seed: int) -> None:
+    sampler = TaskSampler(WEIGHTS, seed)
+    draws = sampler.tasks(0, 10_000)
+    names = sampler.names
+    assert "held_out" not in names and "held_out" not in draws
+    observed = np.array([draws.count(n) for n in names])
+    total = sum(WEIGHTS[n] for n in names)
+    expected = np.array([10_000 * WEIGHTS[n] / total for n in names])
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < CHI2_DF4_P001, (dict(zip(names, observed)), chi2)
+    # And every frequency within 1.5 percentage points of its weight.
+    assert np.abs(observed / 10_000 - expected / 10_000).max() < 0.015
+
+
+def test_draw_is_a_function_of_seed_and_step_only() -> None:
+    a, b = TaskSampler(WEIGHTS, 7), TaskSampler(dict(WEIGHTS), 7)
+    assert a.tasks(0, 500) == b.tasks(0, 500)
+    # Any window agrees with the full sequence: resuming at a step needs no state.
+    assert a.tasks(123, 200) == a.tasks(0, 200)[123:]
+    assert [a.task_at(k) for k in range(40, 60)] == a.tasks(40, 60)
+    assert TaskSampler(WEIGHTS, 8).tasks(0, 500) != a.tasks(0, 500)
+
+
+def test_uniform_is_uniform_and_in_range() -> None:
+    u = uniform(3, np.arange(100_000))
+    assert 0.0 <= u.min() and u.max() < 1.0
+    counts, _ = np.histogram(u, bins=10, range=(0, 1))
+    assert np.abs(counts / 10_000 - 1).max() < 0.05
+
+
+def test_single_task_and_no_task() -> None:
+    assert set(TaskSampler({"only": 0.3}, 0).tasks(0, 100)) == {"only"}
+    with pytest.raises(ValueError, match="no task"):
+        TaskSampler({"a": 0.0}, 0)
