@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt setup.py | cksum | cut -d' ' -f1)
-NPROC ?= 8
+NPROC ?= 4
 
 .PHONY: setup demo test clean
 
@@ -17,11 +17,17 @@ $(STAMP): requirements.txt setup.py
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# Main job: megatron-core MoE smoke run, TP=2 x PP=2 x EP=2 on 8 CPU ranks (stand-in for the
-# demo training until the training entry point lands).
+# Main job: write the demo dataset (once), train the tiny Uni-Perceiver-MoE of
+# configs/runs/demo.yaml on NPROC CPU ranks (TP=2 x EP=2), then evaluate it zero-shot.
+# A second call resumes from runs/demo (nothing left to train) and re-evaluates; rm -rf runs/demo
+# to train again. ARGS are dotted config overrides for both commands.
 demo: $(STAMP)
+	test -f data/demo/demo.json || $(PY) -m tools.make_demo_data --out data/demo
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
-		-m tools.mcore_smoke --config configs/runs/mcore_smoke.yaml $(ARGS)
+		-m megatron_uni.train --config configs/runs/demo.yaml $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
+		-m megatron_uni.evaluate --config configs/runs/demo.yaml \
+		checkpoint.load=runs/demo/checkpoints $(ARGS)
 
 # Test suite: everything but tests marked slow (those run with `make test ARGS=--run-slow`).
 test: $(STAMP)

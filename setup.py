@@ -38,6 +38,7 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         # tools/plot_routing.py (routing heatmaps); the library never imports it.
         "plots": ["matplotlib>=3.7"],
+        "tensorboard": ["tensorboard>=2.14"],
         # apex and Transformer Engine are optional accelerators, installed from their own
         # instructions (they need a CUDA toolchain); nothing here requires them.
     },

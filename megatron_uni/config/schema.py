@@ -269,6 +269,10 @@ class TrainConfig:
     precision: Precision = _f("auto", help="auto = fp32 on CPU, bf16 on GPU")
     recompute: bool = _f(False, help="full activation recomputation, one layer at a time")
     eval_interval: int = _f(0, help="steps between evaluations; 0 = off")
+    stop_at_step: int | None = _f(
+        None, help="save and stop at this step (the LR schedule still spans train.steps); "
+        "null = run to train.steps. For time-limited jobs and resume tests"
+    )
 
 
 @dataclass
@@ -277,6 +281,10 @@ class CheckpointConfig:
 
     save: str | None = _f(None, help="checkpoint dir; null = <run_dir>/checkpoints")
     load: str | None = _f(None, help="checkpoint to resume/initialise from; null = none")
+    load_optimizer: bool = _f(
+        True, help="also restore optimizer state (false: weights only, e.g. after switching "
+        "between the distributed and the plain optimizer)"
+    )
     save_interval: int = _f(0, help="steps between saves; 0 = only at the end")
     keep_last: int = _f(2, help="checkpoints kept; 0 = keep all")
     async_save: bool = _f(False, help="write checkpoints in the background")

@@ -307,6 +307,13 @@ def _check_precision(cfg: Config) -> None:
             "CPU runs train in fp32", field="train.precision", value=cfg.train.precision,
             fix="set train.precision=auto or fp32 (or parallel.device=cuda)",
         )
+    stop = cfg.train.stop_at_step
+    if stop is not None and not 1 <= stop <= cfg.train.steps:
+        raise ConfigError(
+            f"the run stops at a step in 1..train.steps ({cfg.train.steps})",
+            field="train.stop_at_step", value=stop,
+            fix=f"set train.stop_at_step between 1 and {cfg.train.steps}, or null",
+        )
 
 
 def _check_data(cfg: Config) -> None:

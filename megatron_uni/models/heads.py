@@ -71,12 +71,11 @@ class MatchingHead(MegatronModule):
             loss_sum, correct, count = self._retrieval(queries, targets, spec)
         else:
             loss_sum, correct, count = self._matching(queries, targets, spec)
-        loss_sum = loss_sum * spec.loss_weight
-        metrics = {
+        metrics = {  # the task's own loss, before its weight in the multi-task objective
             "loss": torch.stack([loss_sum.detach(), count.float()]),
             "accuracy": torch.stack([correct.float(), count.float()]),
         }
-        return loss_sum, count, metrics
+        return loss_sum * spec.loss_weight, count, metrics
 
     def _matching(
         self, queries: torch.Tensor, targets: torch.Tensor, spec: LossSpec

@@ -15,7 +15,9 @@ is listed in :func:`enable`, in one place a reader can audit:
    CUDA device it is a no-op, and ``torch.manual_seed`` calls it);
 4. ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` / ``synchronize`` / ``Event`` become
    no-ops (CPU work is synchronous);
-5. megatron's advice to set CUDA_DEVICE_MAX_CONNECTIONS (a CUDA launch-queue setting) is silenced.
+5. megatron's advice to set CUDA_DEVICE_MAX_CONNECTIONS (a CUDA launch-queue setting) and the RNG
+   tracker's "CPU RNG state changed within GPU RNG context" (always true when the CUDA stream is
+   the CPU generator) are silenced.
 
 It is switched on only for CPU runs (:func:`should_use_cpu`) and never when CUDA is in use: GPU
 behaviour is untouched. It patches process-wide state, so it is meant for processes that run on
@@ -27,6 +29,7 @@ matter and lives in ``megatron_uni.models.norm``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import warnings
 from typing import Any, Callable
@@ -161,6 +164,11 @@ def enable() -> None:
         torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
         # CUDA launch-queue tuning advice, meaningless without CUDA.
         warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
+        # The tracker warns when the CPU generator moves inside a forked CUDA stream; here the
+        # CUDA stream IS the CPU generator, so it always does.
+        logging.getLogger("megatron.core.tensor_parallel.random").addFilter(
+            lambda record: "CPU RNG state changed" not in record.getMessage()
+        )
         # 2. device arguments: the mode lives on this thread's torch-function stack for good.
         _CudaToCpuMode().__enter__()
         _enabled = True

@@ -1,0 +1,505 @@
+"""Checkpoints that survive crashes and move between parallel layouts (megatron dist_checkpointing).
+
+    stop_requested = install_signal_handlers()                      # once, main thread
+    if (latest := find_latest(root)) is not None:                   # resume
+        step, loader_state = load_checkpoint(latest, chunks, optimizer, scheduler, cfg)
+    ...
+    save_checkpoint(root, step, chunks, optimizer, scheduler, loader.state_dict(), cfg,
+                    keep_last=cfg.checkpoint.keep_last)             # every rank
+
+A checkpoint is ``root/iter_{step:07d}/``: megatron's ``torch_dist`` files (weights and optimizer
+state as sharded tensors keyed by global parameter names, so TP/PP/EP/DP may differ at load) and
+``meta.json`` (step, layout, optimizer kind, resolved config). ``root/latest`` names the newest.
+``root`` must be on a file system every rank sees.
+
+Atomic, because a job killed mid-save (preemption, time limit) must resume from the previous
+checkpoint, not from half a directory: every rank writes into ``iter_XXXXXXX.tmp``; after all
+have finished, rank 0 renames it and swaps ``latest`` with ``os.replace``. A ``.tmp`` directory is
+never named by ``latest`` and the next save deletes it.
+
+Restored on load: weights always; optimizer and scheduler state when asked (also under another
+layout); RNG states (per global rank) only under the same layout; the data position (per
+data-parallel rank, replicated over TP/PP) only under the same data-parallel size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_uni.config import Config, to_dict
+from megatron_uni.training.step import unwrap
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+LATEST_FILE = "latest"
+_DIST_METADATA = "metadata.json"  # megatron writes it after every shard: a finished save
+_NAME = re.compile(r"^iter_(\d{7,})$")
+# Distributed-optimizer state laid out like the model's parameters, so it loads under another
+# TP/PP/EP/DP: "fully_reshardable" (gathered over DP at save; each rank slices at load).
+# "fully_sharded_model_space" skips the gather but is broken in megatron-core 0.16.1 (it makes
+# ShardedTensors with flattened_range, which 0.16.1 rejects). Without the chained prefix, keys do
+# not depend on how megatron splits dense and expert optimizers (megatron-LM's choice too).
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                  "chained_optim_avoid_prefix": True}
+_SHOWN = 5  # keys or fields named in an error
+_NO_OPTIM_FIX = ("load the weights only: load_checkpoint(..., load_optimizer=False) (proposed "
+                 "config field checkpoint.load_optimizer=false)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with its path and what to do about it."""
+
+    def __init__(self, path: Path | str, problem: str, fix: str) -> None:
+        self.path, self.problem, self.fix = Path(path), problem, fix
+        super().__init__(f"checkpoint {path}: {problem}. Fix: {fix}")
+
+
+# --------------------------------------------------------------------------- naming
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint after ``step`` optimizer steps."""
+    return f"iter_{step:07d}"
+
+
+def is_complete(path: Path) -> bool:
+    """Both markers of a finished save: megatron's metadata.json and our meta.json (last)."""
+    return (path / META_FILE).is_file() and (path / _DIST_METADATA).is_file()
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` as (step, path), oldest first."""
+    if not Path(root).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(root).iterdir()
+             if (m := _NAME.match(p.name)) and p.is_dir() and is_complete(p)]
+    return sorted(found)
+
+
+def find_latest(root: Path) -> Path | None:
+    """The checkpoint ``root/latest`` names; if that file is missing, garbled or names no complete
+    checkpoint, the newest complete ``iter_*`` (with a warning); None when there is none."""
+    root = Path(root)
+    pointer = root / LATEST_FILE
+    found = list_checkpoints(root)
+    if pointer.is_file():
+        name = pointer.read_text(errors="replace").strip()
+        if _NAME.match(name) and is_complete(root / name):
+            return root / name
+        reason = f"names {name[:80]!r}, which is not a complete checkpoint"
+    elif not found:
+        return None
+    else:
+        reason = "is missing"
+    newest = found[-1][1] if found else None
+    if not dist.is_initialized() or dist.get_rank() == 0:  # every rank may ask: say it once
+        log.warning("%s %s; using the newest complete checkpoint: %s", pointer, reason, newest)
+    return newest
+
+
+# --------------------------------------------------------------------------- state
+def current_layout() -> dict[str, int]:
+    """This run's parallel layout, as ``meta.json`` records it."""
+    from megatron.core import parallel_state as ps  # noqa: PLC0415
+
+    return {"world": dist.get_world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(),
+            "etp": ps.get_expert_tensor_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # noqa: PLC0415
+
+    from megatron_uni.parallel import cpu_backend  # noqa: PLC0415
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and not cpu_backend.is_enabled():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # noqa: PLC0415
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def optimizer_kind(optimizer: Any) -> str | None:
+    """"distributed" or "local" (their formats differ); None for no optimizer."""
+    if optimizer is None:
+        return None
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # noqa: PLC0415
+
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in opts) else "local"
+
+
+# megatron-core 0.16.1 with torch's Adam (no apex / Transformer Engine installed) needs three
+# repairs; each touches only the optimizer passed in.
+def _torch_adams(optimizer: Any) -> Iterator[tuple[Any, torch.optim.Optimizer]]:
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            yield opt, inner
+
+
+def _ensure_adam_state(optimizer: Any) -> None:
+    """``DistributedOptimizer.state_dict()`` reads each parameter's ``step`` from torch's Adam
+    state and fails before the first step (a save at step 0, a load into a fresh optimizer):
+    create the state Adam would create lazily (zeros, step 0) -- only in an optimizer without
+    any state, so that step counts never differ between parameters."""
+    for _, inner in _torch_adams(optimizer):
+        if len(inner.state) > 0:
+            continue
+        for param in (p for group in inner.param_groups for p in group["params"]):
+            if not inner.state[param]:
+                inner.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                          exp_avg_sq=torch.zeros_like(param))
+
+
+@contextlib.contextmanager
+def _loadable_adam(optimizer: Any) -> Iterator[None]:
+    """Around ``optimizer.load_state_dict``: (1) megatron's ``_set_main_param_and_optimizer_
+    states`` copies every key of the live Adam state, ``step`` included, from loaded tensors that
+    never carry one (KeyError): hand it the live ``step`` (a no-op copy); (2) afterwards, give each
+    parameter its own ``step`` tensor: megatron loads one shared by all, and torch's foreach Adam
+    would add 1 to it once per parameter."""
+    patched = []
+    for opt, inner in _torch_adams(optimizer):
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is None or opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            continue
+
+        def with_step(model_param: Any, tensors: dict, opt: Any = opt, setter: Any = setter,
+                      inner: Any = inner) -> None:
+            group, order = opt.model_param_group_index_map[model_param]
+            live = inner.state[inner.param_groups[group]["params"][order]]
+            setter(model_param, {"step": live["step"], **tensors} if "step" in live else tensors)
+
+        opt._set_main_param_and_optimizer_states = with_step  # this instance, this load only
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+    for _, inner in _torch_adams(optimizer):
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def _sharded_state(model_chunks: Sequence[Any], optimizer: Any, *, is_loading: bool,
+                   rng: dict | bool | None, loader: dict | bool | None) -> dict[str, Any]:
+    """The sharded state dict that save writes and load requests (``rng``/``loader``: the data
+    to save, True to request it, None/False to leave it out)."""
+    from megatron.core import parallel_state as ps  # noqa: PLC0415
+    from megatron.core.dist_checkpointing import ShardedObject  # noqa: PLC0415
+
+    models = [unwrap(chunk) for chunk in model_chunks]
+    # megatron-LM's names; the tensor keys inside are global (layer numbers, expert offsets).
+    names = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
+    state: dict[str, Any] = {n: m.sharded_state_dict() for n, m in zip(names, models)}
+    if optimizer is not None:
+        _ensure_adam_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            dict(state), is_loading=is_loading, metadata=dict(OPTIM_METADATA))
+    if rng:  # keyed by global rank: meaningful only when every rank keeps its role
+        state["rng_state"] = ShardedObject("rng_state", None if rng is True else rng,
+                                           (dist.get_world_size(),), (dist.get_rank(),),
+                                           replica_id=0)
+    if loader:  # one per data-parallel rank; its TP/PP/CP peers hold replicas
+        replica = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                   ps.get_context_parallel_rank())
+        state["loader_state"] = ShardedObject(
+            "loader_state", None if loader is True else loader,
+            (ps.get_data_parallel_world_size(),), (ps.get_data_parallel_rank(),),
+            replica_id=replica)
+    return state
+
+
+# --------------------------------------------------------------------------- save
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` so that readers see the old or the new content, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _remove_stale(root: Path) -> None:
+    for child in root.glob("iter_*.tmp"):
+        log.warning("removing %s: a save that did not finish", child)
+        shutil.rmtree(child, ignore_errors=True)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints (0 = all) and the one ``latest`` names."""
+    if keep_last <= 0:
+        return
+    pointer = root / LATEST_FILE
+    keep = pointer.read_text().strip() if pointer.is_file() else None
+    for _, path in list_checkpoints(root)[:-keep_last]:
+        if path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(root: Path, step: int, model_chunks: list, optimizer: Any, scheduler: Any,
+                    loader_state: dict | None, cfg: Config, keep_last: int) -> Path:
+    """Write ``root/iter_{step:07d}`` and point ``root/latest`` at it; returns its path.
+
+    Collective: every rank calls it, with its own ``loader_state`` (``MultiTaskLoader.
+    state_dict()``; None: not saved). ``optimizer``/``scheduler`` None: weights only. Removes
+    unfinished saves and all but the newest ``keep_last`` checkpoints (0 = keep all).
+    """
+    from megatron.core import dist_checkpointing  # noqa: PLC0415
+
+    start = time.perf_counter()
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    tmp = root / f"{final.name}.tmp"
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale(root)
+        tmp.mkdir()
+    dist.barrier()
+    tmp.mkdir(parents=True, exist_ok=True)  # a shared file system may show it late
+
+    state = _sharded_state(model_chunks, optimizer, is_loading=False, rng=_rng_state(),
+                           loader=loader_state)
+    state["step"] = int(step)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(state, str(tmp))  # returns after a barrier: every shard is written
+
+    if rank0:
+        meta = {"format": FORMAT_VERSION, "step": int(step), "layout": current_layout(),
+                "optimizer": optimizer_kind(optimizer), "scheduler": scheduler is not None,
+                "loader_state": bool(loader_state), "saved_at": time.strftime("%FT%T%z"),
+                "config": to_dict(cfg)}
+        _write_atomic(tmp / META_FILE, json.dumps(meta, indent=1, default=str))
+        if final.exists():  # the same step saved again (after a resume): set the old one aside
+            os.rename(final, root / f"{final.name}.old.tmp")
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(root / LATEST_FILE, final.name + "\n")
+        _remove_stale(root)
+        _prune(root, keep_last)
+        log.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - start)
+    dist.barrier()  # nobody moves on (or exits) before the checkpoint is named
+    return final
+
+
+# --------------------------------------------------------------------------- load
+def resolve(path: Path) -> Path:
+    """``path`` when it is a complete checkpoint, the latest one when it is a save root, else
+    a :class:`CheckpointError` that says what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(path, "does not exist", "check checkpoint.load: a save root "
+                              "(checkpoint.save, default <train.run_dir>/checkpoints) or one of "
+                              "its iter_XXXXXXX directories")
+    if path.is_dir() and not (path / META_FILE).exists() and (latest := find_latest(path)):
+        return latest
+    if not (path / META_FILE).is_file():
+        raise CheckpointError(path, "is not a megatron-uni checkpoint (no meta.json, no complete "
+                              "iter_* inside)", "give a directory written by save_checkpoint "
+                              "(convert other checkpoints with checkpoints_utils first)")
+    if not (path / _DIST_METADATA).is_file():
+        raise CheckpointError(path, "has no megatron metadata.json: the save did not finish",
+                              "resume from an earlier checkpoint (find_latest picks one)")
+    return path
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``meta.json``: step, layout, optimizer kind, resolved config."""
+    try:
+        meta = json.loads((Path(path) / META_FILE).read_text())
+        int(meta["step"]), dict(meta["layout"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(path, f"meta.json is unreadable ({err})",
+                              "resume from an earlier checkpoint") from err
+    return meta
+
+
+def _first(items: list[str], sep: str = ", ") -> str:
+    items = sorted(set(items))
+    more = f" (+{len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+    return sep.join(items[:_SHOWN]) + more
+
+
+def _check_tensors(path: Path, state: dict[str, Any], meta: dict, cfg: Config) -> None:
+    """Requested tensors against the checkpoint's index: missing keys and other shapes named."""
+    from megatron.core import dist_checkpointing  # noqa: PLC0415
+    from megatron.core.dist_checkpointing import ShardedTensor  # noqa: PLC0415
+    from megatron.core.dist_checkpointing.dict_utils import nested_values  # noqa: PLC0415
+
+    try:
+        saved = dist_checkpointing.load_tensors_metadata(str(path))
+    except Exception as err:  # noqa: BLE001 - any failure here: an unreadable index
+        raise CheckpointError(path, f"its tensor index cannot be read ({_describe(err)})",
+                              "it is truncated or corrupt: resume from an earlier one") from err
+    missing: dict[bool, list[str]] = {True: [], False: []}  # is optimizer state -> keys
+    shapes: list[str] = []
+    for sh in (v for v in nested_values(state) if isinstance(v, ShardedTensor)):
+        if sh.key not in saved:
+            missing[sh.key.startswith("optimizer.")].append(sh.key)
+        elif tuple(saved[sh.key].global_shape) != tuple(sh.global_shape):
+            shapes.append(f"{sh.key} {tuple(saved[sh.key].global_shape)} in the checkpoint, "
+                          f"{tuple(sh.global_shape)} here")
+    if missing[False] or shapes:
+        problems = ([f"lacks weights this model has: {_first(missing[False])}"] * bool(
+            missing[False]) + [f"has other shapes: {_first(shapes, '; ')}"] * bool(
+            shapes))
+        now = to_dict(cfg)
+        diff = [f"{sec}.{k}={v!r} (here {now[sec].get(k)!r})" for sec in ("model", "moe")
+                for k, v in meta.get("config", {}).get(sec, {}).items() if now[sec].get(k) != v]
+        raise CheckpointError(
+            path, "is a checkpoint of another model: it " + " and ".join(problems),
+            f"use the model settings it was saved with ({_first(diff) or 'see its meta.json'})")
+    if missing[True]:
+        raise CheckpointError(path, f"has no optimizer state for {_first(missing[True])}",
+                              _NO_OPTIM_FIX)
+
+
+def _describe(err: BaseException) -> str:
+    """One line for an exception; for torch's CheckpointException, the first rank's cause."""
+    if failures := getattr(err, "failures", None):
+        rank, cause = next(iter(failures.items()))
+        cause = cause[0] if isinstance(cause, tuple) else cause
+        return f"rank {rank}: {type(cause).__name__}: {str(cause)[:300]}"
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+
+
+def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: Any, cfg: Config,
+                    *, load_optimizer: bool = True) -> tuple[int, dict | None]:
+    """Load a checkpoint (an ``iter_*`` directory, or a save root: its latest) into the built
+    model chunks, optimizer and scheduler; collective.
+
+    Returns (step, this data-parallel rank's loader state; None when the data-parallel size
+    changed or none was saved). ``load_optimizer=False`` or ``optimizer=None``: weights (and RNG)
+    only; optimizer and scheduler start afresh. Raises :class:`CheckpointError`.
+    """
+    start = time.perf_counter()
+    path = resolve(Path(path))
+    meta = read_meta(path)
+    from megatron.core import dist_checkpointing  # noqa: PLC0415 - after the cheap checks
+    from torch.distributed.checkpoint.api import CheckpointException  # noqa: PLC0415
+
+    layout = current_layout()
+    same_layout = meta["layout"] == layout
+    with_optimizer = load_optimizer and optimizer is not None
+    saved_kind, kind = meta.get("optimizer"), optimizer_kind(optimizer)
+    if with_optimizer and saved_kind != kind:
+        raise CheckpointError(
+            path, f"holds {saved_kind or 'no'} optimizer state; this run's optimizer is {kind}",
+            f"set parallel.distributed_optimizer={str(saved_kind == 'distributed').lower()}, "
+            f"or {_NO_OPTIM_FIX}")
+    want_loader = bool(meta.get("loader_state")) and meta["layout"].get("dp") == layout["dp"]
+    state = _sharded_state(model_chunks, optimizer if with_optimizer else None, is_loading=True,
+                           rng=same_layout, loader=want_loader)
+    _check_tensors(path, state, meta, cfg)
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - torch's is a BaseException
+        raise CheckpointError(path, f"reading failed ({_describe(err)})",
+                              "a file is truncated or corrupt: resume from an earlier one") from err
+
+    models = [unwrap(chunk) for chunk in model_chunks]
+    for i, model in enumerate(models):
+        model.load_state_dict(loaded["model" if len(models) == 1 else f"model{i}"], strict=True)
+    if with_optimizer:
+        try:
+            with _loadable_adam(optimizer):
+                optimizer.load_state_dict(loaded["optimizer"])
+            if scheduler is not None and "scheduler" in loaded:
+                scheduler.load_state_dict(loaded["scheduler"])
+        except Exception as err:  # noqa: BLE001 - megatron asserts / KeyErrors on mismatches
+            raise CheckpointError(
+                path, f"its optimizer or schedule state does not fit this run ({_describe(err)})",
+                f"keep optim.* and train.steps as saved, or {_NO_OPTIM_FIX}") from err
+    elif optimizer is not None:
+        # Mixed precision keeps fp32 main copies made at build time: refresh them, else the
+        # first step would write the old random weights back.
+        optimizer.reload_model_params()
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    if dist.get_rank() == 0:
+        if not same_layout:
+            log.warning("checkpoint layout %s, this run %s: RNG states start afresh%s",
+                        meta["layout"], layout, "" if want_loader else ", so does the data order")
+        log.info("loaded checkpoint %s (step %d%s) in %.1f s", path, int(meta["step"]),
+                 "" if with_optimizer else ", weights only", time.perf_counter() - start)
+    return int(loaded["step"]), (loaded["loader_state"] if want_loader else None)
+
+
+# --------------------------------------------------------------------------- preemption
+def install_signal_handlers(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1)
+                            ) -> Callable[[], bool]:
+    """Turn SIGTERM/SIGUSR1 into a "stop requested" flag; returns the function that reads it.
+
+    The process keeps running so that the loop can finish the step, save and exit 0; a requeued
+    job then resumes there. Slurm sends SIGTERM at the time limit and SIGKILL KillWait (default
+    30 s) later; ``#SBATCH --signal=USR1@120`` adds SIGUSR1 to every task two minutes before
+    (``B:USR1@120`` would reach only the batch shell). torchrun forwards SIGTERM to its workers.
+    A signal may reach only some ranks: agree with :func:`any_rank` before the (collective) save.
+    Call from the main thread (Python's rule for signal handlers).
+    """
+    requested: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not requested:
+            log.warning("received %s: will save after this step and stop",
+                        signal.Signals(signum).name)
+        requested.append(signum)
+
+    for sig in signals:
+        signal.signal(sig, handler)
+    return lambda: bool(requested)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    from megatron_uni.parallel import cpu_backend  # noqa: PLC0415
+
+    device = "cpu" if cpu_backend.is_enabled() else torch.cuda.current_device()
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -1,0 +1,229 @@
+"""The training loop: data -> megatron's schedule -> optimizer, with logs and checkpoints.
+
+    runtime = initialize(cfg); trainer = Trainer(cfg, runtime); trainer.train()
+
+One step = one task (drawn alike on every data-parallel rank) x ``num_microbatches`` micro-batches
+through megatron's pipeline schedule, DDP gradient reduction, the (distributed) optimizer and the
+LR schedule. Checkpoints every ``checkpoint.save_interval`` steps, at the end, and when SIGTERM /
+SIGUSR1 arrive (then the run exits 0 after saving: Slurm preemption).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_uni.config import Config, dump_yaml
+from megatron_uni.config.to_mcore import resolved_precision
+from megatron_uni.parallel.initialize import Runtime
+from megatron_uni.training import checkpoint as ckpt
+from megatron_uni.moe.stats import stats_to_json
+from megatron_uni.training.metrics import (
+    RunLog,
+    gather_router_losses,
+    gather_routing_stats,
+    memory_gb,
+    reduce_step_metrics,
+    step_flops,
+)
+from megatron_uni.training.optimizer import build_optimizer, build_scheduler
+from megatron_uni.training.step import forward_backward, unwrap
+
+log = logging.getLogger(__name__)
+
+
+def git_revision() -> str:
+    """The source revision (with '+dirty' for uncommitted changes), or 'unknown'."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def write_run_record(cfg: Config, run_dir: Path) -> None:
+    """Resolved config, git revision and command line: what it takes to rerun this."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    (run_dir / "git_revision.txt").write_text(git_revision() + "\n")
+    (run_dir / "command.txt").write_text(" ".join([sys.executable, *sys.argv]) + "\n")
+
+
+def build_model_chunks(cfg: Config, runtime: Runtime) -> tuple[list[Any], Any]:
+    """This rank's model stage wrapped for its precision and in megatron's DDP."""
+    from megatron.core.distributed import (  # noqa: PLC0415
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    from megatron_uni.models.generalist import build_model  # noqa: PLC0415
+
+    model = build_model(cfg, use_cpu=runtime.use_cpu, pg_collection=runtime.pgs)
+    config = model.config
+    if not runtime.use_cpu:
+        model.cuda(torch.cuda.current_device())
+    module: Any = model
+    if config.bf16 or config.fp16:
+        from megatron.core.transformer.module import Float16Module  # noqa: PLC0415
+
+        module = Float16Module(config, model)
+        for name, param in model.named_parameters():  # LayerScale stays fp32 (reference)
+            if name.endswith(".gamma"):
+                param.data = param.data.float()
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        ),
+        module,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    return [ddp], model
+
+
+def num_microbatches(cfg: Config, dp: int) -> int:
+    """Gradient accumulation: ``train.global_batch_size`` in units of ``train.micro_batch_size``
+    micro-batches over the data-parallel ranks (1 when unset)."""
+    if cfg.train.global_batch_size is None:
+        return 1
+    return max(cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp), 1)
+
+
+class Trainer:
+    """Owns the model chunks, optimizer, scheduler, data stream and run records of one run."""
+
+    def __init__(self, cfg: Config, runtime: Runtime) -> None:
+        from megatron.core import parallel_state  # noqa: PLC0415
+
+        from megatron_uni.data.loader import MultiTaskLoader  # noqa: PLC0415
+
+        self.cfg, self.runtime = cfg, runtime
+        self.run_dir = Path(cfg.train.run_dir)
+        self.save_root = Path(cfg.save_dir())
+        if runtime.is_main:
+            write_run_record(cfg, self.run_dir)
+        self.precision = resolved_precision(cfg, runtime.use_cpu)
+        self.chunks, self.model = build_model_chunks(cfg, runtime)
+        self.optimizer = build_optimizer(cfg, self.chunks, runtime.use_cpu, self.precision)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.num_microbatches = num_microbatches(cfg, runtime.dp)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.reporter = (parallel_state.is_pipeline_last_stage()
+                         and parallel_state.get_tensor_model_parallel_rank() == 0)
+        self.loader = MultiTaskLoader(cfg, self.dp_rank, runtime.dp, self.num_microbatches)
+        self.step = 0
+        self._resume()
+        self.stop_requested = ckpt.install_signal_handlers()
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        path = Path(cfg.checkpoint.load) if cfg.checkpoint.load else ckpt.find_latest(self.save_root)
+        if path is None:
+            return
+        if cfg.checkpoint.load is None and self.runtime.is_main:
+            log.info("resuming from %s (latest in %s)", path, self.save_root)
+        self.step, loader_state = ckpt.load_checkpoint(
+            path, self.chunks, self.optimizer, self.scheduler, cfg,
+            load_optimizer=cfg.checkpoint.load_optimizer,
+        )
+        if loader_state is not None:
+            self.loader.load_state_dict(loader_state)
+        else:
+            self.loader = type(self.loader)(cfg, self.dp_rank, self.runtime.dp,
+                                            self.num_microbatches, start_step=self.step)
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.save_root, self.step, self.chunks, self.optimizer, self.scheduler,
+            self.loader.state_dict(), self.cfg, self.cfg.checkpoint.keep_last,
+        )
+
+    def train_step(self, collect_routing: bool = False) -> dict[str, Any]:
+        """One optimizer step; returns the record that metrics.jsonl gets (with the step's
+        routing statistics under "routing" when ``collect_routing``)."""
+        start = time.time()
+        task, batches = self.loader.next_step()
+        if not self.runtime.use_cpu:
+            batches = [b.to(torch.cuda.current_device()) for b in batches]
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        routing = unwrap(self.chunks[0]).routing
+        routing.losses.clear()
+        routing.collect_stats, routing.stats = collect_routing, {}
+        out = forward_backward(self.chunks, batches)
+        routing.collect_stats = False
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        metrics = reduce_step_metrics(out, self.reporter)
+        router = gather_router_losses(routing.losses)
+        elapsed = time.time() - start
+        tokens = sum(int((b.seq_id >= 0).sum()) for b in batches) * self.runtime.dp
+        seq_len = batches[0].seq_len
+        record: dict[str, Any] = {
+            "step": self.step,
+            "task": task,
+            "loss": metrics["loss"],
+            "accuracy": metrics["accuracy"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "skipped": not ok,
+            "tokens_per_s": tokens / elapsed,
+            "tflops": step_flops(self.cfg, tokens, seq_len) / elapsed / 1e12,
+            "mem_gb": memory_gb(),
+            "step_time_s": elapsed,
+        }
+        for name, value in router.items():
+            layer, kind = name.rsplit(".", 1)
+            record[f"{kind}/{layer}"] = value
+        if collect_routing and self.cfg.moe.enabled:
+            record["routing"] = stats_to_json(gather_routing_stats(routing.stats), self.cfg.moe.topk)
+        return record
+
+    def train(self) -> int:
+        """Run to ``train.steps`` (or a stop signal); returns the last step done."""
+        cfg = self.cfg
+        end = cfg.train.stop_at_step or cfg.train.steps
+        if self.step >= end:
+            if self.runtime.is_main:
+                log.info("checkpoint is at step %d, the run ends at %d: nothing to train",
+                         self.step, end)
+            return self.step
+        runlog = RunLog(cfg, self.run_dir, cfg.train.steps, self.step, self.runtime.is_main)
+        interval = cfg.checkpoint.save_interval
+        try:
+            while self.step < end:
+                log_now = ((self.step + 1) % cfg.logging.log_interval == 0
+                           or self.step == 0 or self.step + 1 == end)
+                record = self.train_step(collect_routing=log_now)
+                routing = record.pop("routing", None)
+                self.step += 1
+                runlog.step(record, print_line=log_now)
+                if routing is not None:
+                    runlog.routing_stats(record["step"], record["task"], routing)
+                last = self.step == end
+                # A signal may reach only some ranks: the save is collective, so agree first.
+                stop = ckpt.any_rank(self.stop_requested())
+                if last or stop or (interval > 0 and self.step % interval == 0):
+                    self.save()
+                if stop:
+                    if self.runtime.is_main:
+                        log.info("stop signal received: saved step %d, exiting", self.step)
+                    break
+        finally:
+            runlog.close()
+            self.loader.close()
+        return self.step

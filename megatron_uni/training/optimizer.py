@@ -1,0 +1,82 @@
+"""AdamW with the reference's parameter groups, warmup + cosine schedule, on megatron-core.
+
+Weight decay (reference: 0.2) applies to the weight matrices of linears and experts only: norms,
+biases, embeddings (token, position, type, temporal), routers' gates, logit scales and LayerScale
+get none. megatron-core's distributed optimizer shards the state over data-parallel ranks (experts
+over expert-data-parallel ranks) and clips the global gradient norm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_uni.config import Config
+
+# Name fragments of parameters that never decay (besides every 1-D parameter and bias).
+_NO_DECAY = ("embeddings", "embedding", "temporal", ".router.", "logit_scale", "gamma", "norm")
+
+
+def no_weight_decay(param: torch.Tensor, name: str) -> bool:
+    """True for parameters the reference excludes from weight decay."""
+    return param.dim() <= 1 or name.endswith(".bias") or any(f in name for f in _NO_DECAY)
+
+
+def build_optimizer(cfg: Config, model_chunks: list[Any], use_cpu: bool, precision: str) -> Any:
+    """megatron's optimizer (distributed when ``parallel.distributed_optimizer``) for the chunks."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: PLC0415
+    from megatron.core.optimizer.optimizer_config import (  # noqa: PLC0415
+        ParamKey,
+        ParamWithNamePredicate,
+    )
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride  # noqa: PLC0415
+
+    o = cfg.optim
+    config = OptimizerConfig(
+        optimizer="adam",  # megatron's adam is AdamW (decoupled weight decay)
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1],
+        adam_eps=o.eps,
+        clip_grad=o.clip_grad,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        params_dtype=torch.float32,
+    )
+    skip = ParamKey(with_name_predicate=ParamWithNamePredicate(
+        name="uniperceiver_no_wd", fn=no_weight_decay))
+    return get_megatron_optimizer(
+        config,
+        model_chunks,
+        config_overrides={skip: ParamGroupOverride(wd_mult=0.0)},
+        use_gloo_process_groups=not use_cpu,
+    )
+
+
+def build_scheduler(cfg: Config, optimizer: Any) -> Any:
+    """Linear warmup to ``optim.lr`` then ``optim.decay_style`` decay to ``optim.min_lr`` at
+    ``train.steps``; constant weight decay."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: PLC0415
+
+    o = cfg.optim
+    steps = cfg.train.steps
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=min(o.warmup_steps, max(steps - 1, 0)),
+        lr_decay_steps=max(steps, 1),
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(steps, 1),
+        wd_incr_style="constant",
+        # A resumed run follows the current config (e.g. a longer train.steps), not the saved one.
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
+    )
