@@ -19,7 +19,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from megatron_uni.config import Config, to_dict
 from megatron_uni.data.task_plan import plan_task
@@ -41,28 +40,9 @@ DEFAULT_MICROBATCHES_PER_CALL = 8
 def build_eval_model(cfg: Config, runtime: Runtime) -> list[Any]:
     """This rank's model stage for inference: on its device, wrapped for its precision as the
     training loop wraps it (Float16Module, LayerScale kept fp32), no DDP, in eval mode."""
-    from megatron_uni.models.generalist import build_model  # noqa: PLC0415
+    from megatron_uni.models.generalist import build_placed_model  # noqa: PLC0415
 
-    if cfg.parallel.vpp is not None:
-        from megatron_uni.config import ConfigError  # noqa: PLC0415
-
-        raise ConfigError(
-            "evaluation builds one model chunk per rank; virtual pipeline stages are not "
-            "supported", field="parallel.vpp", value=cfg.parallel.vpp,
-            fix="evaluate with parallel.vpp=null (checkpoints load under any layout)",
-        )
-    model = build_model(cfg, use_cpu=runtime.use_cpu, pg_collection=runtime.pgs)
-    config = model.config
-    if not runtime.use_cpu:
-        model.cuda(torch.cuda.current_device())
-    module: Any = model
-    if config.bf16 or config.fp16:
-        from megatron.core.transformer.module import Float16Module  # noqa: PLC0415
-
-        module = Float16Module(config, model)
-        for name, param in model.named_parameters():
-            if name.endswith(".gamma"):
-                param.data = param.data.float()
+    module, _ = build_placed_model(cfg, runtime)
     module.eval()
     return [module]
 

@@ -112,3 +112,31 @@ def build_model(cfg: Config, use_cpu: bool, pg_collection: Optional[ProcessGroup
         post_process=parallel_state.is_pipeline_last_stage(),
         pg_collection=pg_collection,
     )
+
+
+def build_placed_model(cfg: Config, runtime: Any) -> tuple[torch.nn.Module, UniPerceiver]:
+    """This rank's stage on its device and in its precision: (module to run, the bare model).
+
+    bf16/fp16 wrap the model in megatron's ``Float16Module``; LayerScale stays fp32 (reference).
+    One chunk per rank: virtual pipeline stages are refused.
+    """
+    from megatron_uni.config import ConfigError  # noqa: PLC0415
+
+    if cfg.parallel.vpp is not None:
+        raise ConfigError(
+            "the model is built as one chunk per rank; virtual pipeline stages are not "
+            "supported yet", field="parallel.vpp", value=cfg.parallel.vpp,
+            fix="set parallel.vpp=null (checkpoints load under any layout)",
+        )
+    model = build_model(cfg, use_cpu=runtime.use_cpu, pg_collection=runtime.pgs)
+    if not runtime.use_cpu:
+        model.cuda(torch.cuda.current_device())
+    module: torch.nn.Module = model
+    if model.config.bf16 or model.config.fp16:
+        from megatron.core.transformer.module import Float16Module  # noqa: PLC0415
+
+        module = Float16Module(model.config, model)
+        for name, param in model.named_parameters():
+            if name.endswith(".gamma"):
+                param.data = param.data.float()
+    return module, model

@@ -67,20 +67,10 @@ def build_model_chunks(cfg: Config, runtime: Runtime) -> tuple[list[Any], Any]:
         finalize_model_grads,
     )
 
-    from megatron_uni.models.generalist import build_model  # noqa: PLC0415
+    from megatron_uni.models.generalist import build_placed_model  # noqa: PLC0415
 
-    model = build_model(cfg, use_cpu=runtime.use_cpu, pg_collection=runtime.pgs)
+    module, model = build_placed_model(cfg, runtime)
     config = model.config
-    if not runtime.use_cpu:
-        model.cuda(torch.cuda.current_device())
-    module: Any = model
-    if config.bf16 or config.fp16:
-        from megatron.core.transformer.module import Float16Module  # noqa: PLC0415
-
-        module = Float16Module(config, model)
-        for name, param in model.named_parameters():  # LayerScale stays fp32 (reference)
-            if name.endswith(".gamma"):
-                param.data = param.data.float()
     ddp = DistributedDataParallel(
         config,
         DistributedDataParallelConfig(

@@ -55,7 +55,7 @@ def _cfg(tp: int, pp: int, ep: int, etp: int | None = None):
 def _run_global_batch(cfg, runtime):
     from megatron.core import parallel_state
 
-    from tools.mcore_smoke import _wrap_ddp, build_gpt_moe, forward_backward, synthetic_batches
+    from tools.mcore_smoke import _wrap_ddp, build_gpt_moe, synthetic_batches
 
     model = build_gpt_moe(cfg, runtime)
     return model, _wrap_ddp(model, cfg), synthetic_batches(

@@ -11,7 +11,6 @@ from megatron_uni.data.batch import (
     Segment,
     Side,
     attention_mask,
-    pack,
 )
 from megatron_uni.data.tasks import SPE_ID, captioning_batch, retrieval_batch, target_shard
 
