@@ -78,6 +78,8 @@ class TaskResult:
     metrics: dict[str, float]
     num_samples: int
     examples: list[dict[str, Any]] = field(default_factory=list)
+    # MoE models: per layer and condition, the share of tokens per expert (moe/stats.py)
+    routing: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -74,11 +74,23 @@ def evaluate_tasks(
     dp_size = parallel_state.get_data_parallel_world_size()
     ctx = EvalContext(cfg, ForwardRunner(chunks, runtime.device), tokenizer, dp_rank, dp_size,
                       microbatches_per_call)
+    from megatron_uni.moe.stats import stats_to_json  # noqa: PLC0415
+    from megatron_uni.training.metrics import gather_routing_stats  # noqa: PLC0415
+    from megatron_uni.training.step import unwrap  # noqa: PLC0415
+
+    routing = unwrap(chunks[0]).routing
     results: dict[str, TaskResult] = {}
     for name in evaluation_tasks(cfg, tasks):
         start = time.perf_counter()
         plan = plan_task(cfg, name, dp_rank, dp_size, tokenizer, need_train=False, need_eval=True)
-        results[name] = evaluate_plan(ctx, plan)
+        routing.collect_stats, routing.stats = cfg.moe.enabled, {}
+        try:
+            results[name] = evaluate_plan(ctx, plan)
+        finally:
+            routing.collect_stats = False
+        if cfg.moe.enabled:  # collective: every rank takes this branch alike
+            results[name].routing = stats_to_json(gather_routing_stats(routing.stats),
+                                                  cfg.moe.topk)
         if runtime.is_main:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in results[name].metrics.items())
             log.info("eval %s (%s, %d samples, %.1f s): %s", name, plan.family,
@@ -113,6 +125,7 @@ def report(
                 "held_out": cfg.data.tasks[name].weight == 0,
                 "num_samples": r.num_samples,
                 **({"examples": r.examples} if r.examples else {}),
+                **({"routing": r.routing} if r.routing else {}),
             }
             for name, r in results.items()
         },

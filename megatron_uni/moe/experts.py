@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -67,6 +68,13 @@ class ExpertLinears(MegatronModule):
         self.bias = torch.nn.Parameter(torch.zeros(self.num_local, out_features)) if bias else None
         for param in self.parameters():
             param.allreduce = False  # megatron: an expert param, reduced over expert-DP only
+        # Every weight shard is unique in the TP x EP group (other experts or other columns):
+        # megatron's grad-norm then counts it once, as it does for its own expert linears.
+        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=2, stride=1)
+        if self.bias is not None and etp == 1:
+            # Whole experts per rank: unique too. (With expert-TP = TP the ETP replicas are TP
+            # duplicates, which the norm counts on TP rank 0 only - also exactly once.)
+            set_tensor_model_parallel_attributes(self.bias, is_parallel=True, dim=0, stride=1)
         if self.bias is not None and etp > 1:
             # Only ETP rank 0 adds the bias; flagged like a sequence-parallel parameter,
             # finalize_model_grads all-reduces its gradient over the (identical) TP group so the

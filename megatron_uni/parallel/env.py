@@ -1,6 +1,7 @@
 """Find this process's place in a distributed job from the launcher's environment.
 
-Supported launchers, tried in this order:
+Supported launchers, tried in this order (MPI before Slurm: ``mpiexec`` inside an allocation
+starts its proxies with srun, so its ranks carry Slurm step variables that are not theirs):
 - torchrun (and anything that sets the same variables): RANK, WORLD_SIZE, LOCAL_RANK,
   LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
 - Slurm ``srun``: SLURM_PROCID, SLURM_STEP_NUM_TASKS / SLURM_NTASKS, SLURM_LOCALID; the master is
@@ -242,20 +243,32 @@ def _mpi4py_rendezvous() -> tuple[str, int] | None:
     return comm.bcast(shared, root=0)
 
 
+def _slurm_batch_step(env: Mapping[str, str]) -> bool:
+    """The sbatch script (or an salloc shell) itself, not an srun task: Slurm sets SLURM_PROCID=0
+    and SLURM_NTASKS=N there too, but no step variables; a process started there is alone."""
+    return "SLURM_JOB_ID" in env and not any(
+        name in env for name in ("SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NUM_TASKS")
+    )
+
+
 def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Read the launcher environment (``os.environ`` by default) into a :class:`DistEnv`."""
     env = os.environ if environ is None else environ
+    mpi_names = next((names for names in _MPI_VARS if names[0] in env), None)
     if "RANK" in env and "WORLD_SIZE" in env:
         result = _from_torchrun(env)
-    elif "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
+    elif mpi_names is not None:
+        # Before Slurm: mpiexec inside an allocation starts its proxies with srun, so the ranks
+        # also carry (the proxies') Slurm step variables; the MPI ones are the ranks' own.
+        result = _from_mpi(env, mpi_names)
+    elif (
+        "SLURM_PROCID" in env
+        and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env)
+        and not _slurm_batch_step(env)
+    ):
         result = _from_slurm(env)
     else:
-        for names in _MPI_VARS:
-            if names[0] in env:
-                result = _from_mpi(env, names)
-                break
-        else:
-            result = DistEnv(0, 1, 0, 1, "127.0.0.1", _port(env, 0) or free_port(), "single")
+        result = DistEnv(0, 1, 0, 1, "127.0.0.1", _port(env, 0) or free_port(), "single")
     _check(result)
     return result
 

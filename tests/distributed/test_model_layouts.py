@@ -111,6 +111,15 @@ def _setup(cfg):
     return model, ddp
 
 
+def _grad_norm(cfg, ddp) -> float:
+    """The global gradient norm megatron's optimizer clips by (every shard counted once)."""
+    from megatron_uni.training.optimizer import build_optimizer
+
+    optimizer = build_optimizer(cfg, [ddp], use_cpu=True, precision="fp32")
+    optimizer.prepare_grads()
+    return float(optimizer.get_grad_norm())
+
+
 def _total(per_microbatch: list[dict]) -> torch.Tensor:
     total = torch.zeros(2, dtype=torch.float64)
     for item in per_microbatch:
@@ -134,7 +143,7 @@ def _single(rank: int, world: int, out: str, task: str, variant: str) -> list[fl
     ddp.zero_grad_buffer()
     total = _total(forward_backward([ddp], _batches(task, 0, 1)))
     save_full_grads(model, Path(out) / "grads.pt")
-    return total.tolist()
+    return total.tolist() + [_grad_norm(cfg, ddp)]
 
 
 def _layout(
@@ -157,24 +166,26 @@ def _layout(
         forward_backward([ddp], _batches(task, parallel_state.get_data_parallel_rank(), runtime.dp))
     )
     checked, worst = check_grads(model, Path(out) / "grads.pt", GRAD_RTOL, rank)
+    norm = _grad_norm(cfg, ddp)
     reports = (
         parallel_state.is_pipeline_last_stage()
         and parallel_state.get_tensor_model_parallel_rank() == 0
     )
-    return {"total": total.tolist() if reports else None, "checked": checked, "worst": worst}
+    return {"total": total.tolist() if reports else None, "checked": checked, "worst": worst,
+            "grad_norm": norm}
 
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """Single-process runs, made on first use per (task, variant)."""
-    made: dict[tuple[str, str], tuple[str, list[float]]] = {}
+    made: dict[tuple[str, str], tuple[str, list[float], float]] = {}
 
-    def get(task: str, variant: str) -> tuple[str, list[float]]:
+    def get(task: str, variant: str) -> tuple[str, list[float], float]:
         if (task, variant) not in made:
             out = tmp_path_factory.mktemp(f"ref_{task}_{variant}")
             (total,) = run_ranks(_single, 1, args=(str(out), task, variant), timeout=120)
             assert total[1] > 0 and torch.isfinite(torch.tensor(total)).all()
-            made[(task, variant)] = (str(out), total)
+            made[(task, variant)] = (str(out), total[:2], total[2])
         return made[(task, variant)]
 
     return get
@@ -197,7 +208,7 @@ CASES = (
 @pytest.mark.parametrize("task,variant,layout", CASES, ids=["-".join(c) for c in CASES])
 def test_layout_reproduces_single_process(references, task: str, variant: str, layout: str
                                           ) -> None:
-    out, (ref_sum, ref_count) = references(task, variant)
+    out, (ref_sum, ref_count), ref_norm = references(task, variant)
     world, *sizes = {**DENSE_LAYOUTS, **MOE_LAYOUTS}[layout]
     results = run_ranks(_layout, world, args=(out, task, variant, tuple(sizes)), timeout=240)
     # One reporter per data-parallel replica: their loss sums and counts add up to the
@@ -211,3 +222,7 @@ def test_layout_reproduces_single_process(references, task: str, variant: str, l
     checked = set().union(*(r["checked"] for r in results))
     assert checked == set(torch.load(Path(out) / "grads.pt"))
     assert max(r["worst"] for r in results) <= GRAD_RTOL
+    # The norm gradient clipping uses: every rank agrees with the single process (sharded
+    # parameters counted once, replicated ones not twice).
+    for r in results:
+        assert r["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)

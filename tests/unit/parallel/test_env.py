@@ -40,6 +40,18 @@ def test_torchrun_wins_over_slurm_when_both_are_set() -> None:
     assert (env.launcher, env.rank, env.world_size) == ("torchrun", 3, 4)
 
 
+def test_mpi_inside_a_slurm_allocation_uses_the_mpi_ranks() -> None:
+    env = detect_env(
+        {
+            "PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2",
+            "MASTER_ADDR": "n1", "MASTER_PORT": "29500",
+            # the hydra proxy's own srun step: one task per node
+            "SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
+        }
+    )
+    assert (env.launcher, env.rank, env.world_size, env.local_rank) == ("mpi", 3, 4, 1)
+
+
 def test_slurm_srun_two_nodes() -> None:
     env = detect_env(
         {
@@ -90,11 +102,14 @@ def test_open_mpi() -> None:
     assert env == DistEnv(2, 4, 0, 2, "host1", 29501, "mpi")
 
 
-def test_mpich_hydra_single_node_uses_loopback() -> None:
+def test_mpich_hydra_single_node_uses_loopback(monkeypatch) -> None:
+    import megatron_uni.parallel.env as env_mod
+
+    monkeypatch.setattr(env_mod, "_mpi_comm", lambda: None)  # as without mpi4py
     env = detect_env(
         {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}
     )
-    # mpi4py is not installed in the test environment, every rank is local: loopback.
+    # No mpi4py and every rank local: loopback.
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (1, 2, 1, 2)
     assert env.launcher == "mpi" and env.master_addr == "127.0.0.1"
 
