@@ -16,6 +16,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_uni*", "launch*", "tools*", "checkpoints_utils*"]),
     include_package_data=True,
+    # The sbatch template of `python -m launch.slurm`.
+    package_data={"launch": ["templates/*.tmpl"]},
     # Ranges, so that GPU clusters with newer torch / Python can install; requirements.txt pins
     # what CI runs.
     install_requires=[

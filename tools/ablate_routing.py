@@ -40,8 +40,9 @@ def run_variant(config: str, name: str, out: Path, steps: int, nproc: int,
                 overrides: list[str]) -> dict:
     """Train and evaluate one variant; returns its eval.json ``metrics``."""
     run_dir = out / name
-    common = [f"train.run_dir={run_dir}", f"train.steps={steps}", "logging.progress_bar=false",
-              *overrides, *VARIANTS[name]]
+    # The user's overrides first: the variant's run dir, steps and routing must win.
+    common = [*overrides, f"train.run_dir={run_dir}", f"train.steps={steps}",
+              "logging.progress_bar=false", *VARIANTS[name]]
     if nproc == 1:
         common += ["parallel.tp=1", "parallel.ep=1", "parallel.pp=1"]
     print(f"== {name}: training {steps} steps into {run_dir}", flush=True)
