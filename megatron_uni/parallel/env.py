@@ -1,7 +1,9 @@
 """Find this process's place in a distributed job from the launcher's environment.
 
-Supported launchers, tried in this order (MPI before Slurm: ``mpiexec`` inside an allocation
-starts its proxies with srun, so its ranks carry Slurm step variables that are not theirs):
+Supported launchers, tried in this order (an MPI launcher, recognised by its local-rank variable,
+before Slurm: ``mpiexec`` inside an allocation starts its proxies with srun, so its ranks carry
+Slurm step variables that are not theirs; ``srun --mpi=pmi2`` sets only PMI_RANK/PMI_SIZE, and
+then Slurm's variables win):
 - torchrun (and anything that sets the same variables): RANK, WORLD_SIZE, LOCAL_RANK,
   LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
 - Slurm ``srun``: SLURM_PROCID, SLURM_STEP_NUM_TASKS / SLURM_NTASKS, SLURM_LOCALID; the master is
@@ -255,9 +257,12 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Read the launcher environment (``os.environ`` by default) into a :class:`DistEnv`."""
     env = os.environ if environ is None else environ
     mpi_names = next((names for names in _MPI_VARS if names[0] in env), None)
+    # An MPI launcher (mpiexec/mpirun) sets the local rank too; srun's PMI plugins set only the
+    # rank and size, and then Slurm's variables are the complete ones.
+    mpi_launcher = mpi_names is not None and mpi_names[2] in env
     if "RANK" in env and "WORLD_SIZE" in env:
         result = _from_torchrun(env)
-    elif mpi_names is not None:
+    elif mpi_launcher:
         # Before Slurm: mpiexec inside an allocation starts its proxies with srun, so the ranks
         # also carry (the proxies') Slurm step variables; the MPI ones are the ranks' own.
         result = _from_mpi(env, mpi_names)
@@ -267,6 +272,8 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         and not _slurm_batch_step(env)
     ):
         result = _from_slurm(env)
+    elif mpi_names is not None:
+        result = _from_mpi(env, mpi_names)
     else:
         result = DistEnv(0, 1, 0, 1, "127.0.0.1", _port(env, 0) or free_port(), "single")
     _check(result)

@@ -52,6 +52,18 @@ def test_mpi_inside_a_slurm_allocation_uses_the_mpi_ranks() -> None:
     assert (env.launcher, env.rank, env.world_size, env.local_rank) == ("mpi", 3, 4, 1)
 
 
+def test_srun_with_pmi2_is_a_slurm_task() -> None:
+    # srun --mpi=pmi2 adds PMI_RANK/PMI_SIZE but no local rank: Slurm's view is complete.
+    env = detect_env(
+        {
+            "PMI_RANK": "3", "PMI_SIZE": "4", "SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0",
+            "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+            "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_NODELIST": "n[1-2]",
+        }
+    )
+    assert (env.launcher, env.rank, env.world_size, env.local_rank) == ("slurm", 3, 4, 1)
+
+
 def test_slurm_srun_two_nodes() -> None:
     env = detect_env(
         {
