@@ -3,26 +3,39 @@
 Each training step trains one task, drawn by weight from ``(data.seed, step)`` alone
 (:mod:`megatron_uni.data.sampler`): every data-parallel rank trains the same task at the same
 step, because retrieval negatives and split target sets are gathered across data-parallel ranks
-and those collectives need every rank in the same task. A step is ``num_microbatches``
-micro-batches of that task (gradient accumulation), each a :class:`PackedBatch` of the task's
-fixed shape [R, S].
+and those collectives need every rank in the same task.
 
-What a rank reads. Every task has ``data.reader_streams`` (V) independent
-:class:`~megatron_uni.data.readers.SampleStream` s per data-parallel rank; step ``k`` takes its
-micro-batches from stream ``k % V`` of its task. Shards are split over the ``dp_size * V``
-streams of all ranks. Loader worker ``w`` of ``W`` (W divides V) serves the steps with
+The global batch is a function of the step, as in megatron: a step is ``G`` global micro-batch
+*slots* (``G = dp_size * num_microbatches`` = ``train.global_batch_size /
+train.micro_batch_size``), and data-parallel rank ``r`` takes slots ``g = r * num_microbatches
++ j`` as its micro-batches ``j = 0 .. num_microbatches - 1`` (gradient accumulation), each a
+:class:`PackedBatch` of the task's fixed shape [R, S]. Everything in slot ``g``'s micro-batch
+(the shard stream it reads, augmentation, masking, mixup and packing seeds) is a function of
+(data.seed, task, g, step) and the data config only, not of the data-parallel rank or size: with
+the global batch kept, a run under another data-parallel size trains on the same samples in the
+same steps (the micro-batches just land on other ranks). What still depends on the
+data-parallel size is the part of a split target set (``split_target_set``) a rank encodes, and
+with it ``num_rows`` when unset; the gathered target set, hence the loss, is the same.
+
+What a slot reads. Every task has ``data.reader_streams`` (V) independent
+:class:`~megatron_uni.data.readers.SampleStream` s per slot; step ``k`` takes its micro-batch
+from stream ``k % V`` of its task. Shards are split over the ``G * V`` streams of all slots
+(write at least that many shards per task, or every stream reads every shard and keeps every
+``G * V``-th sample). Loader worker ``w`` of ``W`` (W divides V) serves the steps with
 ``k % W == w``, hence exactly the streams ``v % W == w``, and the main process puts the steps
-back in order. So the batches are a function of (data.seed, dp_rank, dp_size, V, step,
-micro-batch index) only: not of the global rank (tensor- and pipeline-parallel peers of a
-replica build identical batches), and not of the number of workers (0, 1, 2 and 4 workers give
-the same stream, and a run may resume with another number of workers).
+back in order. So the batches do not depend on the global rank (tensor- and pipeline-parallel
+peers of a replica build identical batches), nor on the number of workers (0, 1, 2 and 4
+workers give the same stream, and a run may resume with another number of workers).
 
-Resuming. :meth:`MultiTaskLoader.state_dict` is the data position: the next step, and per
-(task, stream) its :class:`~megatron_uni.data.readers.Position` and bad-sample count; after
-:meth:`~MultiTaskLoader.load_state_dict` the stream continues exactly (shards are re-opened and
-the samples before the position skipped without decoding). ``start_step`` without a saved state
-fast-forwards by counting the samples each stream would have used; that is exact unless samples
-failed to decode before ``start_step``.
+Resuming. :meth:`MultiTaskLoader.state_dict` is the data position: the next step, and per slot
+of this rank and per (task, stream) its :class:`~megatron_uni.data.readers.Position` and
+bad-sample count. :meth:`~MultiTaskLoader.load_state_dict` takes a state that holds (at least)
+this rank's slots, whichever data-parallel size saved them (the checkpoint stores one object per
+slot), and the stream continues exactly (shards are re-opened and the samples before the
+position skipped without decoding). ``start_step`` without a saved state fast-forwards by
+counting the samples each stream would have used; that is exact unless samples failed to decode
+before ``start_step``. Bad samples are counted per slot stream; ``data.max_bad_samples`` bounds
+the sum over a rank's slots.
 """
 
 from __future__ import annotations
@@ -55,19 +68,24 @@ from megatron_uni.models.text_tokenizer import ClipTokenizer, get_tokenizer
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: positions per data-parallel rank (a data order that depended on dp_size)
+
+
+def slot_range(dp_rank: int, num_microbatches: int) -> range:
+    """The global micro-batch slots data-parallel rank ``dp_rank`` reads, in micro-batch order."""
+    return range(dp_rank * num_microbatches, (dp_rank + 1) * num_microbatches)
 
 
 @dataclass
 class _Step:
-    """One produced step, with the position of the stream it used after producing it."""
+    """One produced step, with the positions (per slot) of the stream it used after it."""
 
     step: int
     task: str
     batches: list[PackedBatch]
     stream: int
-    position: tuple[int, int, int]
-    bad_samples: int
+    positions: list[tuple[int, int, int]]
+    bad_samples: list[int]
 
 
 @dataclass
@@ -77,15 +95,16 @@ class _Setup:
     plans: dict[str, TaskPlan]
     sampler: TaskSampler
     seed: int
-    dp_rank: int
-    dp_size: int
+    slots: range  # this rank's global micro-batch slots
+    num_slots: int  # G: slots per step over all data-parallel ranks
     num_streams: int
-    num_microbatches: int
     shuffle_buffer: int
     max_bad_samples: int
     start_step: int
-    positions: dict[str, list[tuple[int, int, int] | None]] = field(default_factory=dict)
-    bad: dict[str, list[int]] = field(default_factory=dict)
+    # [slot][task] -> per stream: position / bad-sample count
+    positions: dict[int, dict[str, list[tuple[int, int, int] | None]]] = field(
+        default_factory=dict)
+    bad: dict[int, dict[str, list[int]]] = field(default_factory=dict)
 
 
 def _identity(item: Any) -> Any:
@@ -98,46 +117,48 @@ class _Producer:
     def __init__(self, setup: _Setup, tokenizer: ClipTokenizer) -> None:
         self.setup = setup
         self.tokenizer = tokenizer
-        self.streams: dict[tuple[str, int], SampleStream] = {}
+        self.streams: dict[tuple[str, int, int], SampleStream] = {}
         self.decoders = {n: Decoder(p, tokenizer, train=True) for n, p in setup.plans.items()}
         self._history: np.ndarray | None = None
 
-    def _stream(self, task: str, v: int) -> SampleStream:
-        if (task, v) in self.streams:
-            return self.streams[task, v]
+    def _stream(self, task: str, slot: int, v: int) -> SampleStream:
+        if (task, slot, v) in self.streams:
+            return self.streams[task, slot, v]
         s = self.setup
-        saved = s.positions.get(task, [None] * s.num_streams)[v]
-        counter = BadSampleCounter(task, s.max_bad_samples, s.bad.get(task, [0] * s.num_streams)[v])
+        saved = s.positions[slot][task][v]
+        counter = BadSampleCounter(task, s.max_bad_samples, s.bad[slot][task][v])
         stream = SampleStream(
             list(s.plans[task].shards), task=task, seed=s.seed,
-            unit=s.dp_rank * s.num_streams + v, num_units=s.dp_size * s.num_streams,
+            unit=slot * s.num_streams + v, num_units=s.num_slots * s.num_streams,
             shuffle_buffer=s.shuffle_buffer, counter=counter,
             position=Position(*saved) if saved is not None else Position(),
         )
         if saved is None and s.start_step > 0:
             for _ in range(self._samples_before_start(task, v)):
                 next(stream)
-        self.streams[task, v] = stream
+        self.streams[task, slot, v] = stream
         return stream
 
     def _samples_before_start(self, task: str, v: int) -> int:
-        """Samples stream v of ``task`` used in steps before start_step (no decode failures)."""
+        """Samples stream v of ``task`` (of any slot) used in steps before start_step (no decode
+        failures)."""
         s = self.setup
         if self._history is None:
             self._history = s.sampler.indices(0, s.start_step)
         steps = np.arange(s.start_step)
         drawn = (self._history == s.sampler.names.index(task)) & (steps % s.num_streams == v)
-        return int(drawn.sum()) * s.num_microbatches * s.plans[task].cfg.micro_batch_size
+        return int(drawn.sum()) * s.plans[task].cfg.micro_batch_size
 
     def produce(self, step: int) -> _Step:
         s = self.setup
         task = s.sampler.task_at(step)
         v = step % s.num_streams
-        stream = self._stream(task, v)
         plan, decoder = s.plans[task], self.decoders[task]
-        batches = []
-        for j in range(s.num_microbatches):
-            seed = [s.seed, stable_hash("batch", task), s.dp_rank, step, j]
+        batches, positions, bad = [], [], []
+        for slot in s.slots:
+            stream = self._stream(task, slot, v)
+            # No data-parallel rank or size in here: slot g's batch is the same whoever reads it.
+            seed = [s.seed, stable_hash("batch", task), slot, step]
             rng = np.random.default_rng(seed)
             examples: list[Example] = []
             with seeded(int(rng.integers(2**62))) as reseed:
@@ -149,7 +170,9 @@ class _Producer:
                     except SampleError as err:
                         stream.skip(raw, str(err))
                 batches.append(make_micro_batch(plan, examples, rng, train=True))
-        return _Step(step, task, batches, v, tuple(stream.position), stream.counter.count)
+            positions.append(tuple(stream.position))
+            bad.append(stream.counter.count)
+        return _Step(step, task, batches, v, positions, bad)
 
 
 class _StepDataset(IterableDataset):
@@ -181,7 +204,8 @@ def _check_transforms(plan: TaskPlan, tokenizer: ClipTokenizer) -> None:
 
 
 class MultiTaskLoader:
-    """Training micro-batches for data-parallel rank ``dp_rank`` of ``dp_size``.
+    """Training micro-batches for data-parallel rank ``dp_rank`` of ``dp_size``: its slots
+    ``dp_rank * num_microbatches + j`` of the ``dp_size * num_microbatches`` slots per step.
 
     ``next_step() -> (task name, [PackedBatch] * num_microbatches)``; also an iterator of
     those. ``state_dict()`` / ``load_state_dict()`` save and restore the data position.
@@ -215,13 +239,14 @@ class MultiTaskLoader:
             # this process find timm imported already.
             _check_transforms(plan, tokenizer)
         sampler = TaskSampler({n: cfg.data.tasks[n].weight for n in self.plans}, d.seed)
+        slots = slot_range(dp_rank, num_microbatches)
         self._setup = _Setup(
-            plans=self.plans, sampler=sampler, seed=d.seed, dp_rank=dp_rank, dp_size=dp_size,
-            num_streams=d.reader_streams, num_microbatches=num_microbatches,
+            plans=self.plans, sampler=sampler, seed=d.seed, slots=slots,
+            num_slots=dp_size * num_microbatches, num_streams=d.reader_streams,
             shuffle_buffer=d.shuffle_buffer, max_bad_samples=d.max_bad_samples,
             start_step=start_step,
-            positions={n: [None] * d.reader_streams for n in self.plans},
-            bad={n: [0] * d.reader_streams for n in self.plans},
+            positions={g: {n: [None] * d.reader_streams for n in self.plans} for g in slots},
+            bad={g: {n: [0] * d.reader_streams for n in self.plans} for g in slots},
         )
         self.sampler = sampler
         self.prefetch_factor = d.prefetch_factor
@@ -237,9 +262,19 @@ class MultiTaskLoader:
         return self._step
 
     @property
+    def slots(self) -> range:
+        """This rank's global micro-batch slots (its micro-batches, in order)."""
+        return self._setup.slots
+
+    @property
+    def num_slots(self) -> int:
+        """Global micro-batch slots per step, over all data-parallel ranks."""
+        return self._setup.num_slots
+
+    @property
     def bad_samples(self) -> int:
-        """Samples and shards skipped so far (over all tasks and streams of this rank)."""
-        return sum(sum(v) for v in self._setup.bad.values())
+        """Samples and shards skipped so far (over all tasks, slots and streams of this rank)."""
+        return sum(sum(c) for per_task in self._setup.bad.values() for c in per_task.values())
 
     def _start(self) -> Iterator[_Step]:
         dataset = _StepDataset(copy.deepcopy(self._setup))  # workers see a snapshot
@@ -260,8 +295,9 @@ class MultiTaskLoader:
             self._pending[item.step] = item
         item = self._pending.pop(self._step)
         s = self._setup
-        s.positions[item.task][item.stream] = item.position
-        s.bad[item.task][item.stream] = item.bad_samples
+        for slot, position, bad in zip(s.slots, item.positions, item.bad_samples):
+            s.positions[slot][item.task][item.stream] = position
+            s.bad[slot][item.task][item.stream] = bad
         if self.bad_samples > s.max_bad_samples:
             raise BadDataError(
                 f"{self.bad_samples} bad samples or shards on this rank, more than "
@@ -276,38 +312,58 @@ class MultiTaskLoader:
 
     # ------------------------------------------------------------------ position
     def state_dict(self) -> dict[str, Any]:
-        """The data position after the steps returned so far (plain Python values)."""
+        """The data position after the steps returned so far (plain Python values): common
+        fields and one entry per slot of this rank under ``"slots"``."""
         s = self._setup
         return {
             "version": STATE_VERSION,
             "step": self._step,
             "seed": s.seed,
-            "dp_rank": s.dp_rank,
-            "dp_size": s.dp_size,
             "reader_streams": s.num_streams,
-            "positions": {t: [list(p) if p is not None else None for p in ps]
-                          for t, ps in s.positions.items()},
-            "bad_samples": {t: list(c) for t, c in s.bad.items()},
+            "num_slots": s.num_slots,
+            "slots": [
+                {"slot": g,
+                 "positions": {t: [list(p) if p is not None else None for p in ps]
+                               for t, ps in s.positions[g].items()},
+                 "bad_samples": {t: list(c) for t, c in s.bad[g].items()}}
+                for g in s.slots
+            ],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`state_dict` of a loader with the same data
-        config, rank and data-parallel size); restarts the workers."""
+        """Continue from ``state``: from :meth:`state_dict` of loaders with the same data config
+        and number of slots per step (any data-parallel size), holding at least this rank's
+        slots (entries of other slots are ignored); restarts the workers."""
         s = self._setup
-        expected = {"version": STATE_VERSION, "seed": s.seed, "dp_rank": s.dp_rank,
-                    "dp_size": s.dp_size, "reader_streams": s.num_streams}
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"data position of format {state.get('version')} cannot resume this loader "
+                f"(format {STATE_VERSION}: positions per global micro-batch slot; format 1 "
+                f"kept them per data-parallel rank, in a data order this version does not "
+                f"produce): restart the data order with start_step instead"
+            )
+        expected = {"seed": s.seed, "reader_streams": s.num_streams, "num_slots": s.num_slots}
         for key, value in expected.items():
             if state.get(key) != value:
                 raise ValueError(
                     f"data position saved with {key}={state.get(key)} cannot resume a loader "
                     f"with {key}={value}"
+                    + (" (slots = train.global_batch_size / train.micro_batch_size)"
+                       if key == "num_slots" else "")
                 )
+        saved = {int(entry["slot"]): entry for entry in state["slots"]}
+        missing = [g for g in s.slots if g not in saved]
+        if missing:
+            raise ValueError(f"data position lacks slots {missing} of this rank "
+                             f"(it holds {sorted(saved)})")
         self.close()
-        for task in self.plans:
-            saved = state["positions"].get(task)
-            s.positions[task] = ([tuple(p) if p is not None else None for p in saved]
-                                 if saved is not None else [None] * s.num_streams)
-            s.bad[task] = list(state["bad_samples"].get(task, [0] * s.num_streams))
+        for g in s.slots:
+            entry = saved[g]
+            for task in self.plans:
+                positions = entry["positions"].get(task)
+                s.positions[g][task] = ([tuple(p) if p is not None else None for p in positions]
+                                        if positions is not None else [None] * s.num_streams)
+                s.bad[g][task] = list(entry["bad_samples"].get(task, [0] * s.num_streams))
         s.start_step = self._step = int(state["step"])
         self._pending.clear()
 

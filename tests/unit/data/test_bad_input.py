@@ -63,7 +63,8 @@ def test_bad_samples_are_skipped_counted_and_named(bad_root: Path,
     batches = [loader.next_step()[1][0] for _ in range(6)]
     assert all(b.images.shape == (4, 1, 3, 32, 32) for b in batches)
     assert 4 <= loader.bad_samples <= 12
-    assert loader.state_dict()["bad_samples"]["cls"] == [loader.bad_samples]
+    (slot,) = loader.state_dict()["slots"]  # one slot, one stream (reader_streams=1)
+    assert slot["bad_samples"]["cls"] == [loader.bad_samples]
     text = caplog.text
     assert "key 'corrupt': corrupt image png" in text
     assert "key 'nolabel': missing member: cls" in text

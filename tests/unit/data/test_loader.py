@@ -81,11 +81,75 @@ def test_data_parallel_ranks_share_tasks_not_samples(demo_cfg: Config) -> None:
     assert_steps_equal(run(demo_cfg, 6, dp_rank=1, dp_size=2, microbatches=1), rank1)
 
 
+GLOBAL_SLOTS = 4
+
+
+@pytest.fixture
+def slot_cfg(demo_root: Path) -> Config:
+    """2 streams per slot: 4 slots x 2 = 8 readers, fewer than the 12 videos of a demo shard (with
+    more readers than shards every reader keeps every 8th sample of each shard)."""
+    return demo_config(demo_root, "data.reader_streams=2")
+
+
+def _global_steps(cfg: Config, dp_size: int, steps: int, start_step: int = 0) -> list:
+    """[step] -> (task, [slot] -> batch): the ranks' micro-batches joined in slot order."""
+    ranks = [run(cfg, steps, dp_rank=r, dp_size=dp_size, microbatches=GLOBAL_SLOTS // dp_size,
+                 start_step=start_step) for r in range(dp_size)]
+    joined = []
+    for per_rank in zip(*ranks):
+        assert len({task for task, _ in per_rank}) == 1
+        joined.append((per_rank[0][0], [b for _, batches in per_rank for b in batches]))
+    return joined
+
+
+def test_global_batch_does_not_depend_on_the_data_parallel_size(slot_cfg: Config) -> None:
+    """Same global batch (4 slots per step) over dp 1, 2 and 4: the union of the ranks'
+    micro-batches is the same at every step, slot by slot (tensors, labels, packing)."""
+    steps = 5
+    single = _global_steps(slot_cfg, 1, steps)
+    assert len({task for task, _ in single}) > 1  # several tasks, so several plans are checked
+    for _, batches in single:
+        assert len(batches) == GLOBAL_SLOTS
+        a, b = batches[:2]  # slots hold different samples
+        assert not (torch.equal(a.text_ids, b.text_ids) and torch.equal(a.images, b.images))
+    for dp_size in (2, 4):
+        assert_steps_equal(_global_steps(slot_cfg, dp_size, steps), single)
+    # The fast-forward path (start_step without a saved position) agrees across sizes too.
+    assert_steps_equal(_global_steps(slot_cfg, 2, 2, start_step=3), single[3:5])
+
+
+def test_position_resumes_under_another_data_parallel_size(slot_cfg: Config) -> None:
+    """Positions saved by 2 ranks x 2 micro-batches resume 4 ranks x 1 and 1 rank x 4."""
+    cut, total = 3, 6
+    whole = _global_steps(slot_cfg, 1, total)
+    states = []
+    for r in range(2):
+        with MultiTaskLoader(slot_cfg, r, 2, 2) as loader:
+            for _ in range(cut):
+                loader.next_step()
+            states.append(json.loads(json.dumps(loader.state_dict())))
+    joined = {**states[0], "slots": states[0]["slots"] + states[1]["slots"]}
+    for dp_size in (4, 1):
+        resumed = []
+        for r in range(dp_size):
+            loader = MultiTaskLoader(slot_cfg, r, dp_size, GLOBAL_SLOTS // dp_size)
+            loader.load_state_dict(joined)
+            resumed.append([loader.next_step() for _ in range(total - cut)])
+            loader.close()
+        steps = [(per_rank[0][0], [b for _, bs in per_rank for b in bs])
+                 for per_rank in zip(*resumed)]
+        assert_steps_equal(steps, whole[cut:])
+
+
 def test_position_from_another_setup_is_refused(demo_cfg: Config) -> None:
     loader = MultiTaskLoader(demo_cfg, 0, 2, 1)
     loader.next_step()
     state = loader.state_dict()
-    with pytest.raises(ValueError, match="dp_rank=0 cannot resume a loader with dp_rank=1"):
+    with pytest.raises(ValueError, match=r"lacks slots \[1\] of this rank"):
         MultiTaskLoader(demo_cfg, 1, 2, 1).load_state_dict(state)
+    with pytest.raises(ValueError, match="num_slots=2 cannot resume a loader with num_slots=4"):
+        MultiTaskLoader(demo_cfg, 0, 2, 2).load_state_dict(state)
+    with pytest.raises(ValueError, match="format 1"):
+        MultiTaskLoader(demo_cfg, 0, 2, 1).load_state_dict({**state, "version": 1})
     with pytest.raises(ConfigError, match="data.num_workers=3"):
         MultiTaskLoader(demo_cfg, 0, 1, 1, num_workers=3)
