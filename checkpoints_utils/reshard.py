@@ -8,7 +8,10 @@ Starts ``pp * lcm(tp, ep * etp)`` gloo processes on this machine (the smallest w
 the target layout; data parallelism is what it leaves over), builds model and optimizer under
 the target layout, loads the checkpoint (dist_checkpointing reads any layout) and saves it again
 with the target layout in meta.json. ``--save`` is a save root: ``DIR/iter_XXXXXXX`` + ``latest``.
-RNG states start afresh; the data position survives only when the data-parallel size is kept.
+RNG states start afresh. The data position (per global micro-batch slot) moves along whenever
+the target keeps the number of slots per step (``train.global_batch_size /
+train.micro_batch_size``, when set, is kept by every layout it divides), so the resumed run reads
+the same data in the same steps as the original layout would have.
 """
 
 from __future__ import annotations
@@ -66,11 +69,15 @@ def _rank(rank: int, world: int, load: str, save: str, cfg_dict: dict, with_opti
     from megatron_uni.config.to_mcore import resolved_precision  # noqa: PLC0415
     from megatron_uni.parallel.initialize import initialize  # noqa: PLC0415
     from megatron_uni.training.checkpoint import (  # noqa: PLC0415
+        DataSlots,
         current_layout,
         load_checkpoint,
         save_checkpoint,
     )
-    from megatron_uni.training.loop import build_model_chunks  # noqa: PLC0415
+    from megatron.core import parallel_state  # noqa: PLC0415
+
+    from megatron_uni.data.loader import slot_range  # noqa: PLC0415
+    from megatron_uni.training.loop import build_model_chunks, num_microbatches  # noqa: PLC0415
     from megatron_uni.training.optimizer import build_optimizer, build_scheduler  # noqa: PLC0415
 
     cfg = from_dict(cfg_dict)
@@ -81,7 +88,13 @@ def _rank(rank: int, world: int, load: str, save: str, cfg_dict: dict, with_opti
         optimizer = build_optimizer(cfg, chunks, runtime.use_cpu,
                                     resolved_precision(cfg, runtime.use_cpu))
         scheduler = build_scheduler(cfg, optimizer)
-    step, loader_state = load_checkpoint(Path(load), chunks, optimizer, scheduler, cfg)
+    # The data position moves with the checkpoint: each rank takes the global micro-batch slots
+    # its data-parallel rank reads under the target layout (dropped, with a warning, when the
+    # target cannot keep the slot count).
+    nmb = num_microbatches(cfg, runtime.dp)
+    slots = DataSlots(runtime.dp * nmb, slot_range(parallel_state.get_data_parallel_rank(), nmb))
+    step, loader_state = load_checkpoint(Path(load), chunks, optimizer, scheduler, cfg,
+                                         data_slots=slots)
     if rank == 0:
         print(f"  loaded step {step} on {world} ranks", flush=True)
     path = save_checkpoint(Path(save), step, chunks, optimizer, scheduler, loader_state, cfg,

@@ -125,9 +125,12 @@ class Trainer:
             return
         if cfg.checkpoint.load is None and self.runtime.is_main:
             log.info("resuming from %s (latest in %s)", path, self.save_root)
+        # The data position is kept per global micro-batch slot: it continues under another
+        # data-parallel size as long as the global batch (hence the slot count) is unchanged.
         self.step, loader_state = ckpt.load_checkpoint(
             path, self.chunks, self.optimizer, self.scheduler, cfg,
             load_optimizer=cfg.checkpoint.load_optimizer,
+            data_slots=ckpt.DataSlots(self.loader.num_slots, self.loader.slots),
         )
         if loader_state is not None:
             self.loader.load_state_dict(loader_state)

@@ -5,8 +5,8 @@ Each save runs one optimizer step on 2 ranks and records every rank's pieces of 
 optimizer tensor by checkpoint key; the test merges them into full tensors (replicas must
 agree). Each load builds the model with other random weights under another layout, loads, and
 compares its pieces with those full tensors, so every tensor is checked on some rank.
-The data position comes back only when the data-parallel size is unchanged; RNG states only when
-the whole layout is.
+The data position (saved per global micro-batch slot) comes back under any data-parallel size
+that keeps the number of slots per step; RNG states only when the whole layout is.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ from tests.unit.training.test_checkpoint import (
     build,
     check_view,
     global_view,
+    loader_state,
     make_cfg,
     merge_views,
     rng_draws,
     train_step,
 )
+
+SLOTS = 4  # global micro-batch slots per step (as for train.global_batch_size = 4 micro-batches)
 
 MOE = ["moe.num_experts=4", "moe.layers=all"]
 LOCAL = "parallel.distributed_optimizer=false"
@@ -47,23 +50,33 @@ def _save(rank: int, world: int, root: str, overrides: list[str]) -> dict:
     initialize(cfg)
     chunks, optimizer, scheduler = build(cfg)
     train_step(chunks, optimizer, scheduler, 1)
-    loader_state = {"dp_rank": parallel_state.get_data_parallel_rank()}
-    save_checkpoint(Path(root), 1, chunks, optimizer, scheduler, loader_state, cfg, keep_last=1)
+    nmb = SLOTS // parallel_state.get_data_parallel_world_size()
+    mine = range(parallel_state.get_data_parallel_rank() * nmb,
+                 (parallel_state.get_data_parallel_rank() + 1) * nmb)
+    save_checkpoint(Path(root), 1, chunks, optimizer, scheduler, loader_state(1, mine, SLOTS),
+                    cfg, keep_last=1)
     return {"view": global_view(chunks, optimizer), "draws": rng_draws()}
 
 
-def _load(rank: int, world: int, root: str, overrides: list[str], reference: str) -> dict:
+def _load(rank: int, world: int, root: str, overrides: list[str], reference: str,
+          slots: int = SLOTS) -> dict:
+    from megatron.core import parallel_state
+
     from megatron_uni.parallel.initialize import initialize
-    from megatron_uni.training.checkpoint import find_latest, load_checkpoint
+    from megatron_uni.training.checkpoint import DataSlots, find_latest, load_checkpoint
 
     cfg = make_cfg(*overrides)
     initialize(cfg)
     torch.manual_seed(1000 + rank)  # other initial weights: only the load can make them agree
     chunks, optimizer, scheduler = build(cfg)
-    step, loader_state = load_checkpoint(find_latest(Path(root)), chunks, optimizer, scheduler,
-                                         cfg)
+    dp_rank, nmb = parallel_state.get_data_parallel_rank(), max(
+        slots // parallel_state.get_data_parallel_world_size(), 1)
+    mine = range(dp_rank * nmb, (dp_rank + 1) * nmb)
+    step, position = load_checkpoint(find_latest(Path(root)), chunks, optimizer, scheduler, cfg,
+                                     data_slots=DataSlots(slots, mine))
     checked = check_view(global_view(chunks, optimizer), torch.load(reference))
-    return {"step": step, "loader": loader_state, "checked": checked, "draws": rng_draws(),
+    return {"step": step, "loader": position, "slots": (mine.start, mine.stop),
+            "checked": checked, "draws": rng_draws(),
             "adam_steps": adam_steps(optimizer), "lr_steps": scheduler.num_steps}
 
 
@@ -99,8 +112,8 @@ def _check_loads(saved: tuple, world: int, overrides: list[str], dp: int) -> Non
     assert set().union(*(r["checked"] for r in results)) == keys  # every tensor compared
     for r in results:
         assert (r["step"], r["adam_steps"], r["lr_steps"]) == (1, {1.0}, 1)
-        # Saved with dp=1: the data position of a dp=2 run cannot come from it.
-        assert r["loader"] == ({"dp_rank": 0} if dp == 1 else None)
+        # Saved with dp=1 (4 slots on one rank): every data-parallel size gets its slots back.
+        assert r["loader"] == loader_state(1, range(*r["slots"]), SLOTS), dp
     same_layout = world == 2 and "parallel.tp=2" in overrides
     for draws, expected in zip([r["draws"] for r in results], saved_draws):
         restored = draws[:2] == expected[:2] and all(map(torch.equal, draws[2:], expected[2:]))
@@ -127,4 +140,13 @@ def test_moe_ep2_checkpoint_loads_on_one_rank(moe_ep2: tuple) -> None:
     (result,) = run_ranks(_load, 1, args=(root, MOE, reference), timeout=120)
     assert set(result["checked"]) == keys
     assert any(".experts." in k for k in keys)
-    assert (result["step"], result["adam_steps"], result["loader"]) == (1, {1.0}, None)
+    assert (result["step"], result["adam_steps"]) == (1, {1.0})
+    # Saved by 2 data-parallel ranks (EP lives inside DP), 2 slots each: one rank gets all 4.
+    assert result["loader"] == loader_state(1, range(SLOTS), SLOTS)
+
+
+def test_data_position_needs_the_same_slot_count(moe_ep2: tuple) -> None:
+    """Another global batch (8 slots per step instead of 4): no data position, no error."""
+    root, reference, _, _ = moe_ep2
+    (result,) = run_ranks(_load, 1, args=(root, MOE, reference, 2 * SLOTS), timeout=120)
+    assert (result["step"], result["loader"]) == (1, None)

@@ -25,6 +25,7 @@ import torch
 from megatron_uni.training.checkpoint import (
     LATEST_FILE,
     CheckpointError,
+    DataSlots,
     checkpoint_name,
     find_latest,
     load_checkpoint,
@@ -42,6 +43,13 @@ def make_cfg(*overrides: str):
     from megatron_uni.config import Config, apply_overrides
 
     return apply_overrides(Config(), ["parallel.device=cpu", *TINY, *overrides])
+
+
+def loader_state(step: int, slots: range, num_slots: int) -> dict[str, Any]:
+    """A data position shaped like ``MultiTaskLoader.state_dict()`` (format 2) for ``slots``."""
+    return {"version": 2, "step": step, "seed": 0, "reader_streams": 2, "num_slots": num_slots,
+            "slots": [{"slot": g, "positions": {"cls": [[0, step, g], None]},
+                       "bad_samples": {"cls": [g, 0]}} for g in slots]}
 
 
 def build(cfg) -> tuple[list, Any, Any]:
@@ -155,7 +163,7 @@ def _train_and_save(rank: int, world: int, root: str) -> dict:
     for step in range(1, STEPS + 1):
         train_step(chunks, optimizer, scheduler, step)
         save_checkpoint(Path(root), step, chunks, optimizer, scheduler,
-                        {"step": step, "positions": [step, 2 * step]}, cfg, keep_last=2)
+                        loader_state(step, range(2), 2), cfg, keep_last=2)
     ref = {"draws": rng_draws(), "view": merge_views([global_view(chunks, optimizer)]),
            "lr": [g["lr"] for g in optimizer.param_groups], "num_steps": scheduler.num_steps}
     train_step(chunks, optimizer, scheduler, STEPS + 1)
@@ -170,8 +178,9 @@ def _resume(rank: int, world: int, root: str, ref: dict) -> None:
     initialize(cfg)
     torch.manual_seed(99)  # other initial weights: only the load can make them agree
     chunks, optimizer, scheduler = build(cfg)
-    step, loader_state = load_checkpoint(Path(root), chunks, optimizer, scheduler, cfg)
-    assert (step, loader_state) == (STEPS, {"step": STEPS, "positions": [STEPS, 2 * STEPS]})
+    step, position = load_checkpoint(Path(root), chunks, optimizer, scheduler, cfg,
+                                     data_slots=DataSlots(2, range(2)))
+    assert (step, position) == (STEPS, loader_state(STEPS, range(2), 2))
     draws = rng_draws()
     assert draws[:2] == ref["draws"][:2]
     assert all(torch.equal(a, b) for a, b in zip(draws[2:], ref["draws"][2:]))
@@ -252,6 +261,25 @@ def _load_errors(rank: int, world: int, ckpt: str, tmp: str, reference: dict
                if not k.startswith("optimizer.")}
     check_view(weights, reference)
     errors["weights_only"] = f"step {step}, scheduler at {scheduler.num_steps}"
+    # Data positions that cannot continue: the weights load, the position is None, a warning
+    # says why (the format before slots; another number of slots per step).
+    old = Path(tmp) / "format1"
+    shutil.copytree(ckpt, old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["loader_slots"]  # what a checkpoint of the per-data-parallel-rank format lacks
+    (old / "meta.json").write_text(json.dumps(meta))
+    import logging
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logging.getLogger("megatron_uni.training.checkpoint").addHandler(Keep())
+    for name, path, slots in (("format1", old, 2), ("slots", Path(ckpt), 8)):
+        messages: list[str] = []
+        _, position = load_checkpoint(path, chunks, optimizer, scheduler, cfg,
+                                      data_slots=DataSlots(slots, range(slots)))
+        errors[name] = f"{position} | {' | '.join(messages)}"
     return errors
 
 
@@ -351,6 +379,11 @@ def test_clear_errors_for_bad_checkpoints(saved: tuple[Path, dict], tmp_path: Pa
     assert "holds distributed optimizer state; this run's optimizer is local" in errors["kind"]
     assert "parallel.distributed_optimizer=true" in errors["kind"]
     assert errors["weights_only"] == f"step {STEPS}, scheduler at 0"
+    assert errors["format1"].startswith("None | ")
+    assert "older per-data-parallel-rank format" in errors["format1"]
+    assert "restarts at step 3" in errors["format1"]
+    assert errors["slots"].startswith("None | ")
+    assert "has 2 global micro-batch slots per step, this run 8" in errors["slots"]
 
 
 def test_signals_set_the_stop_flag() -> None:
