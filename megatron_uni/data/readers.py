@@ -8,7 +8,8 @@ webdataset's ``gopen`` opens.
 
 :class:`SampleStream` is one reader's endless, deterministic walk over its share of a task's
 shards. Per epoch, the shard list is permuted by ``(seed, task, epoch)``; reader ``u`` of ``U``
-(``U`` = data-parallel size x streams per rank) takes shards ``u, u + U, ...`` of that order, or,
+(``U`` = global micro-batch slots x streams per slot, see
+:mod:`megatron_uni.data.loader`) takes shards ``u, u + U, ...`` of that order, or,
 when there are fewer shards than readers, reads every shard and keeps samples ``u, u + U, ...``.
 Inside a shard, blocks of ``shuffle_buffer`` samples are permuted. Its :attr:`position`
 ``(epoch, shard cursor, samples emitted from that shard)`` is all it takes to resume exactly.
