@@ -21,12 +21,8 @@ never named by ``latest`` and the next save deletes it.
 Restored on load: weights always; optimizer and scheduler state when asked (also under another
 layout); RNG states (per global rank) only under the same layout; the data position whenever the
 number of global micro-batch slots per step (``train.global_batch_size /
-train.micro_batch_size``) is the same, whatever the data-parallel size: it is saved as one
-``ShardedObject`` per slot (key ``loader_slots``, written by the slot's data-parallel rank,
-replicated over its TP/PP/CP peers), and each rank loads the slots it reads now
-(:class:`DataSlots`). With another slot count (a changed global batch), or from a checkpoint of
-the older per-data-parallel-rank format (``loader_state`` objects, no ``loader_slots`` in
-``meta.json``), the data order restarts at the saved step by fast-forward, with a warning.
+train.micro_batch_size``) is the same, whatever the data-parallel size (one object per slot:
+:mod:`megatron_uni.training.data_position`); otherwise the data order restarts at the saved step.
 """
 
 from __future__ import annotations
@@ -41,13 +37,19 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_uni.config import Config, to_dict
+from megatron_uni.training.data_position import (
+    DataSlots,
+    data_position_usable,
+    join_slots,
+    slot_objects,
+)
 from megatron_uni.training.step import unwrap
 
 log = logging.getLogger(__name__)
@@ -67,14 +69,6 @@ OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
 _SHOWN = 5  # keys or fields named in an error
 _NO_OPTIM_FIX = ("load the weights only: load_checkpoint(..., load_optimizer=False) (proposed "
                  "config field checkpoint.load_optimizer=false)")
-
-
-class DataSlots(NamedTuple):
-    """Which data position a rank loads: ``total`` global micro-batch slots per step in this
-    run, of which this rank reads ``mine`` (``MultiTaskLoader.num_slots`` / ``.slots``)."""
-
-    total: int
-    mine: range
 
 
 class CheckpointError(RuntimeError):
@@ -227,33 +221,6 @@ def _loadable_adam(optimizer: Any) -> Iterator[None]:
                 state["step"] = state["step"].clone()
 
 
-def _loader_objects(loader: dict | DataSlots) -> list[Any]:
-    """One ShardedObject per global micro-batch slot: to save (``loader``: a
-    ``MultiTaskLoader.state_dict()``, each object holds its common fields and its slot's entry) or
-    to request (``loader``: the slots to load). A slot's TP/PP/CP peers hold replicas."""
-    from megatron.core import parallel_state as ps  # noqa: PLC0415
-    from megatron.core.dist_checkpointing import ShardedObject  # noqa: PLC0415
-
-    replica = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-               ps.get_context_parallel_rank())
-    if isinstance(loader, DataSlots):
-        total, items = loader.total, [(g, None) for g in loader.mine]
-    else:
-        if "num_slots" not in loader or "slots" not in loader:
-            raise ValueError("loader_state must be a MultiTaskLoader.state_dict() (with "
-                             f"num_slots and slots); got keys {sorted(loader)}")
-        total = int(loader["num_slots"])
-        common = {k: v for k, v in loader.items() if k != "slots"}
-        items = [(int(e["slot"]), {**common, "slots": [e]}) for e in loader["slots"]]
-    return [ShardedObject("loader_slots", data, (total,), (g,), replica_id=replica)
-            for g, data in items]
-
-
-def _join_slots(parts: list[dict]) -> dict:
-    """The per-slot objects loaded back into one loader state (common fields of the first)."""
-    return {**parts[0], "slots": [e for part in parts for e in part["slots"]]}
-
-
 def _sharded_state(model_chunks: Sequence[Any], optimizer: Any, *, is_loading: bool,
                    rng: dict | bool | None, loader: dict | DataSlots | None) -> dict[str, Any]:
     """The sharded state dict that save writes and load requests (``rng``/``loader``: the data
@@ -273,7 +240,7 @@ def _sharded_state(model_chunks: Sequence[Any], optimizer: Any, *, is_loading: b
                                            (dist.get_world_size(),), (dist.get_rank(),),
                                            replica_id=0)
     if loader:
-        state["loader_slots"] = _loader_objects(loader)
+        state["loader_slots"] = slot_objects(loader)
     return state
 
 
@@ -319,7 +286,8 @@ def save_checkpoint(root: Path, step: int, model_chunks: list, optimizer: Any, s
     """Write ``root/iter_{step:07d}`` and point ``root/latest`` at it; returns its path.
 
     Collective: every rank calls it, with its own ``loader_state`` (``MultiTaskLoader.
-    state_dict()``: the slots this rank reads; None: not saved). ``optimizer``/``scheduler`` None: weights only. Removes
+    state_dict()``: the slots this rank reads; None: not saved). ``optimizer``/``scheduler``
+    None: weights only. Removes
     unfinished saves and all but the newest ``keep_last`` checkpoints (0 = keep all).
     """
     from megatron.core import dist_checkpointing  # noqa: PLC0415
@@ -444,26 +412,6 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
 
 
-def _data_position_usable(meta: dict, data_slots: DataSlots | None, step: int) -> bool:
-    """Whether the saved data position can be loaded for ``data_slots``; says why not (once)."""
-    if data_slots is None or not meta.get("loader_state"):
-        return False
-    saved = meta.get("loader_slots")
-    if saved == data_slots.total:
-        return True
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        if saved is None:
-            log.warning("the checkpoint's data position is in the older per-data-parallel-rank "
-                        "format, which this version's data order cannot continue: the data "
-                        "order restarts at step %d (fast-forward)", step)
-        else:
-            log.warning("the checkpoint's data position has %d global micro-batch slots per "
-                        "step, this run %d (train.global_batch_size / train.micro_batch_size "
-                        "changed): the data order restarts at step %d (fast-forward)",
-                        saved, data_slots.total, step)
-    return False
-
-
 def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: Any, cfg: Config,
                     *, load_optimizer: bool = True, data_slots: DataSlots | None = None
                     ) -> tuple[int, dict | None]:
@@ -491,7 +439,7 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: A
             path, f"holds {saved_kind or 'no'} optimizer state; this run's optimizer is {kind}",
             f"set parallel.distributed_optimizer={str(saved_kind == 'distributed').lower()}, "
             f"or {_NO_OPTIM_FIX}")
-    want_loader = _data_position_usable(meta, data_slots, int(meta["step"]))
+    want_loader = data_position_usable(meta, data_slots, int(meta["step"]))
     state = _sharded_state(model_chunks, optimizer if with_optimizer else None, is_loading=True,
                            rng=same_layout, loader=data_slots if want_loader else None)
     _check_tensors(path, state, meta, cfg)
@@ -527,7 +475,7 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: A
                         "continues" if want_loader else "restarts at the step (fast-forward)")
         log.info("loaded checkpoint %s (step %d%s) in %.1f s", path, int(meta["step"]),
                  "" if with_optimizer else ", weights only", time.perf_counter() - start)
-    return int(loaded["step"]), (_join_slots(loaded["loader_slots"]) if want_loader else None)
+    return int(loaded["step"]), (join_slots(loaded["loader_slots"]) if want_loader else None)
 
 
 # --------------------------------------------------------------------------- preemption

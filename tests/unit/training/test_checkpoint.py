@@ -274,7 +274,7 @@ def _load_errors(rank: int, world: int, ckpt: str, tmp: str, reference: dict
         def emit(self, record: logging.LogRecord) -> None:
             messages.append(record.getMessage())
 
-    logging.getLogger("megatron_uni.training.checkpoint").addHandler(Keep())
+    logging.getLogger("megatron_uni.training").addHandler(Keep())
     for name, path, slots in (("format1", old, 2), ("slots", Path(ckpt), 8)):
         messages: list[str] = []
         _, position = load_checkpoint(path, chunks, optimizer, scheduler, cfg,
