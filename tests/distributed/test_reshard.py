@@ -5,8 +5,8 @@ included), and one more optimizer step after resuming from each gives the same s
 original layout's next step.
 
 The step's gradients are a function of each weight's value (sin(7 w)), so they are the same
-under every layout without a data pipeline (real losses would differ through the data order,
-which a change of data-parallel size restarts by design). Gradient clipping is off: the clipped
+under every layout without a data pipeline; training with real data resumed from these reshards
+is tests/distributed/test_resume_layouts.py. Gradient clipping is off: the clipped
 norm came out ~3% different between layouts (a global-norm question, not a checkpoint one).
 """
 
