@@ -40,6 +40,7 @@ def arithmetic_count(cfg: Config) -> dict[str, int]:
     tokenizer = (
         3 * m.patch_size**2 * h + h  # conv patch embedding
         + m.max_frames * h  # temporal embedding
+        + (3 * m.patch_size**2 * h if m.frame_difference else 0)  # RGB-difference stream
         + padded_vocab_size(m.vocab_size, 1) * h  # word embeddings (padded vocabulary)
         + m.max_text_positions * h  # text positions
         + h  # type embedding

@@ -99,6 +99,11 @@ class ModelConfig:
     patch_size: int = _f(16, help="conv patch embedding kernel and stride (pixels)")
     image_size: int = _f(32, help="largest image side the spatial position grid covers")
     max_frames: int = _f(8, help="learned temporal embeddings (video frames)")
+    frame_difference: bool = _f(
+        False,
+        help="video: add a patch embedding of each frame minus the previous one to that frame's "
+        "tokens (an RGB-difference stream as in TSN; not in the reference model)",
+    )
     vocab_size: int = _f(49411, help="CLIP BPE 49,408 + <|mask|>, <|gen|>, <|spe|>")
     max_text_positions: int = _f(512, help="learned text position embeddings")
     layernorm_epsilon: float = _f(1e-5, help="LayerNorm eps")

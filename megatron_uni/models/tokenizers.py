@@ -6,7 +6,9 @@ p patch size, P = (H/p)(W/p) patches per frame, V padded vocabulary.
 - Image / video (an image is a 1-frame video): per-frame conv patch embedding, a FIXED 2-D
   sin-cos spatial embedding computed for the actual patch grid (so a model trained at 160 px
   runs at 224 px unchanged), a LEARNED temporal embedding (max frames; during training a random
-  temporal offset shifts which rows a short clip uses).
+  temporal offset shifts which rows a short clip uses); with ``model.frame_difference`` also a
+  patch embedding of each frame minus the previous one (an RGB-difference stream, not in the
+  reference).
 - Text: vocab-parallel token embedding (CLIP BPE + 3 specials), learned positions, a type
   embedding.
 - Both go through one shared LayerNorm (as in the reference), then into megatron's ``[s, b, h]``
@@ -73,6 +75,15 @@ class VisualTokenizer(torch.nn.Module):
         )
         self.temporal = torch.nn.Parameter(torch.zeros(model.max_frames, model.hidden_size))
         torch.nn.init.trunc_normal_(self.temporal, std=model.init_method_std)
+        # Optional RGB-difference stream (model.frame_difference): motion shows up in a single
+        # linear map of (frame t - frame t-1), while the reference's per-frame tokens only show it
+        # through attention between frames; left vs right motion (the same frames in reverse
+        # order) is invisible to any statistic that ignores frame order.
+        self.diff_proj = (
+            torch.nn.Conv2d(in_channels, model.hidden_size, kernel_size=model.patch_size,
+                            stride=model.patch_size, bias=False)
+            if model.frame_difference else None
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n, t, c, height, width = images.shape
@@ -83,6 +94,9 @@ class VisualTokenizer(torch.nn.Module):
                 f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
             )
         x = self.proj(images.reshape(n * t, c, height, width))  # [N*T, h, H/p, W/p]
+        if self.diff_proj is not None and t > 1:
+            previous = torch.cat([images[:, :1], images[:, :-1]], dim=1)  # frame 0: no motion
+            x = x + self.diff_proj((images - previous).reshape(n * t, c, height, width))
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2).reshape(n, t, gh * gw, -1)  # [N, T, P, h]
         spatial = sincos_2d(gh, gw, x.shape[-1]).to(x.dtype).to(x.device)
