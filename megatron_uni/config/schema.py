@@ -271,7 +271,10 @@ class TrainConfig:
     )
     micro_batch_size: int = _f(4, help="samples per micro-batch per rank")
     seed: int = _f(1234, help="model init / dropout seed")
-    precision: Precision = _f("auto", help="auto = fp32 on CPU, bf16 on GPU")
+    precision: Precision = _f(
+        "auto", help="auto = fp32 on CPU, bf16 on GPU; an explicit bf16/fp16 on CPU runs the "
+        "mixed-precision path slowly (for testing it)"
+    )
     recompute: bool = _f(False, help="full activation recomputation, one layer at a time")
     eval_interval: int = _f(0, help="steps between evaluations; 0 = off")
     stop_at_step: int | None = _f(

@@ -301,12 +301,7 @@ def _check_experts(cfg: Config) -> None:
             )
 
 
-def _check_precision(cfg: Config) -> None:
-    if cfg.parallel.device == "cpu" and cfg.train.precision in ("bf16", "fp16"):
-        raise ConfigError(
-            "CPU runs train in fp32", field="train.precision", value=cfg.train.precision,
-            fix="set train.precision=auto or fp32 (or parallel.device=cuda)",
-        )
+def _check_stop(cfg: Config) -> None:
     stop = cfg.train.stop_at_step
     if stop is not None and not 1 <= stop <= cfg.train.steps:
         raise ConfigError(
@@ -432,7 +427,7 @@ _CHECKS: list[Callable[[Config], None]] = [
     _check_model,
     _check_tensor_pipeline,
     _check_experts,
-    _check_precision,
+    _check_stop,
     _check_data,
     _check_optim,
 ]

@@ -46,7 +46,10 @@ class MatchingHead(MegatronModule):
         return self.logit_scale[TASK_FAMILIES.index(family)].clamp(max=self.max_log_scale).exp()
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[n, h]`` encoder outputs -> ``[n, h]`` unit-norm matching features."""
+        """``[n, h]`` encoder outputs -> ``[n, h]`` unit-norm matching features (fp32)."""
+        # Under bf16/fp16 megatron's Float16Module hands the last stage's output back in fp32;
+        # the head's weights are in the model's precision.
+        tokens = tokens.to(self.proj.weight.dtype)
         return F.normalize(self.proj(self.norm(tokens)).float(), dim=-1)
 
     def flat_tokens(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

@@ -124,7 +124,7 @@ class _MoELinear(MegatronModule):
             raise RuntimeError("the paired expert linear has not routed yet in this forward")
         return self.slot.decision
 
-    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+    def _experts_forward(self, x: torch.Tensor) -> torch.Tensor:
         """[s, b, i] this rank's tokens with whole features -> [s, b, o]."""
         decision = self._route(x)
         if self.execution == "dispatch":
@@ -162,7 +162,7 @@ class MoEColumnLinear(_MoELinear):
     """In the slot of ``ColumnParallelLinear``: ``[s, b, i] -> ([S, b, o/TP], None)``."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        out = self._apply(x)  # [s, b, o]
+        out = self._experts_forward(x)  # [s, b, o]
         if self.tp > 1:
             # Whole sequence, this rank's block of output features (megatron's column layout).
             out = tensor_parallel.gather_from_sequence_parallel_region(out, group=self.tp_group)
@@ -182,4 +182,4 @@ class MoERowLinear(_MoELinear):
             # Whole features, this rank's sequence shard: the layout the experts work in.
             x = tensor_parallel.gather_from_tensor_model_parallel_region(x, group=self.tp_group)
             x = tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.tp_group)
-        return self._apply(x), None
+        return self._experts_forward(x), None

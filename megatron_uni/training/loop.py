@@ -106,6 +106,10 @@ class Trainer:
         if runtime.is_main:
             write_run_record(cfg, self.run_dir)
         self.precision = resolved_precision(cfg, runtime.use_cpu)
+        if runtime.use_cpu and self.precision != "fp32" and runtime.is_main:
+            log.warning("train.precision=%s on CPU: the mixed-precision path runs emulated and "
+                        "slowly (for testing it); CPU runs are the fp32 numeric reference",
+                        self.precision)
         self.chunks, self.model = build_model_chunks(cfg, runtime)
         self.optimizer = build_optimizer(cfg, self.chunks, runtime.use_cpu, self.precision)
         self.scheduler = build_scheduler(cfg, self.optimizer)

@@ -49,10 +49,21 @@ def build_optimizer(cfg: Config, model_chunks: list[Any], use_cpu: bool, precisi
     )
     skip = ParamKey(with_name_predicate=ParamWithNamePredicate(
         name="uniperceiver_no_wd", fn=no_weight_decay))
+    overrides = {skip: ParamGroupOverride(wd_mult=0.0)}
+    if precision != "fp32":
+        # Parameters kept in fp32 under bf16/fp16 (LayerScale) get a group of their own:
+        # megatron-core 0.16.1's distributed optimizer orders a group's main parameters fp32
+        # first, but indexes them (model_param_group_index_map, used by every checkpoint save and
+        # load) in buffer order, so a group mixing fp32 and 16-bit parameters saves one
+        # parameter's state under another's name.
+        fp32 = ParamKey(with_name_predicate=ParamWithNamePredicate(
+            name="uniperceiver_fp32_in_mixed_precision",
+            fn=lambda param, name: param.dtype == torch.float32))
+        overrides[fp32] = ParamGroupOverride(kept_fp32=True)  # type: ignore[typeddict-unknown-key]
     return get_megatron_optimizer(
         config,
         model_chunks,
-        config_overrides={skip: ParamGroupOverride(wd_mult=0.0)},
+        config_overrides=overrides,
         use_gloo_process_groups=not use_cpu,
     )
 
