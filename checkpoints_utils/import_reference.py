@@ -37,7 +37,8 @@ tables with the file behind each name are in :mod:`checkpoints_utils.reference_n
   is the same module under ``MODEL.SHARE_LAYERNORM``), ``video_embed.embeddings`` Conv2d
   [h, C, p, p] (or Linear [h, C*p*p], same element order),
   ``video_embed.embeddings_st_pos.temporal_pos_embed`` [T, h]; the frozen ``spatial_pos_embed``
-  is compared with our computed sin-cos; ``video_embed.embeddings_type`` [1, h] is folded into
+  is compared with our computed sin-cos at ``model.spatial_position_scale`` (a table scaled by
+  another ``POSEMBED_SCALE`` is reported with the value to set); ``video_embed.embeddings_type`` [1, h] is folded into
   the patch bias for DeepSpeed-era files (``--video-type-embedding``).
 - head (``uniperceiver/modeling/predictor/embed_cls_predictor.py``, the model's ``loss_prepare``):
   ``ln_post``, ``proj``, and the log-valued ``logit_scale_{img_cls,text_mlm,caption,retrieve}``
@@ -92,7 +93,7 @@ def _import_rank(rank: int, world: int, file: str, cfg_dict: dict, save: str,
     initialize(cfg)
     model = build_model(cfg, use_cpu=True)
     reference = read_reference(file)
-    the_plan = plan(reference, extra_names, video_type)
+    the_plan = plan(reference, extra_names, video_type, cfg.model.spatial_position_scale)
     ours = {k: v for k, v in model.state_dict().items()
             if torch.is_tensor(v) and not k.endswith("_extra_state")}
     placed, problems, notes = {}, [], []

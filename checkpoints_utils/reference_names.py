@@ -62,7 +62,9 @@ DROPPED_GATES = ("self_attn.dense", "linear2")  # they reuse the QKV / fc1 routi
 # Non-encoder tensors: reference name -> (ours, conversion).
 # modeling/embedding/token_embed.py (TokenBaseEmbedding): ``embeddings`` [V, h]; ``embeddings_pos``
 # an NNEmbeddingEncoding (modeling/embedding/position_embedding.py: ``position_embeddings`` [P, h]);
-# ``embeddings_token_type`` [TYPE_VOCAB_SIZE, h], only row 0 is ever added; ``embeddings_norm``.
+# ``embeddings_token_type`` [TYPE_VOCAB_SIZE, h], only row 0 is ever added (to text, not to a
+# sequence's leading SPE, which under OLD_CHECKPONT is LN(word) alone: ours does the same, so
+# nothing to convert); ``embeddings_norm``.
 # modeling/embedding/video_embed.py (VideoBaseEmbedding, DIVIDE_ST_POS): ``embeddings`` a Conv2d
 # [h, C, p, p] (an nn.Linear [h, C*p*p] in the other path, same element order);
 # ``embeddings_st_pos.temporal_pos_embed`` [T, h].
@@ -144,10 +146,11 @@ def modernize(name: str) -> str:
 
 
 def plan(reference: dict[str, torch.Tensor], extra_names: dict[str, str] | None = None,
-         video_type: VideoType = "auto") -> Plan:
+         video_type: VideoType = "auto", spatial_scale: float = 1.0) -> Plan:
     """Sort every reference tensor (see the module docstring). ``extra_names`` ({reference key
     or its current name: our key}, copied as they are) win over the tables; a table source they
-    displace is reported as dropped."""
+    displace is reported as dropped. ``spatial_scale`` is our ``model.spatial_position_scale``,
+    which the reference's frozen spatial table is checked against."""
     out = Plan(deepspeed_era=any(modernize(k) != k.removeprefix("module.") for k in reference))
     current = {modernize(k): k for k in reference}
     extra = extra_names or {}
@@ -165,7 +168,7 @@ def plan(reference: dict[str, torch.Tensor], extra_names: dict[str, str] | None 
         elif name == VIDEO_TYPE:
             _video_type(out, current, key, video_type)
         elif name == SPATIAL:
-            _spatial(out, key, reference[key])
+            _spatial(out, key, reference[key], spatial_scale)
         elif name.startswith("video_embed.embeddings_norm."):
             _video_norm(out, current, name, key, reference)
         elif (known := next((k for k in KNOWN if re.search(k[0], name)), None)) is not None:
@@ -268,24 +271,26 @@ def reference_spatial(grid: int, dim: int, scale: float = 1.0) -> torch.Tensor:
     return torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1).float()
 
 
-def _spatial(out: Plan, key: str, table: torch.Tensor) -> None:
-    """Ours computes the spatial embedding (a fixed 2-D sin-cos); say whether the reference's
-    table is the same function of the patch grid."""
+def _spatial(out: Plan, key: str, table: torch.Tensor, ours: float) -> None:
+    """Ours computes the spatial embedding (a fixed 2-D sin-cos at ``model.spatial_position_scale``
+    = ``ours``); say whether the reference's table is the same function of the patch grid."""
     n, dim = table.shape
     grid = math.isqrt(n)
     if grid * grid != n or dim % 4:
         out.unplaced[key] = f"a spatial table of {n} rows (not a square grid); ours is computed"
         return
     table = table.double()
-    if torch.allclose(table, sincos_2d(grid, grid, dim).double(), atol=1e-4):
-        out.dropped[key] = "equals our fixed 2-D sin-cos (models/tokenizers.py sincos_2d)"
+    if torch.allclose(table, sincos_2d(grid, grid, dim, ours).double(), atol=1e-4):
+        out.dropped[key] = ("equals our fixed 2-D sin-cos (models/tokenizers.py sincos_2d) at "
+                            f"model.spatial_position_scale={ours:g}")
         return
     # Channel dim/2 of patch (0, 1) is sin(scale), channel 3*dim/4 cos(scale) (omega_0 = 1).
     scale = math.atan2(float(table[1, dim // 2]), float(table[1, 3 * dim // 4])) if grid > 1 else 0
     if scale > 0 and torch.allclose(table, reference_spatial(grid, dim, scale).double(), atol=1e-4):
         out.unplaced[key] = (f"fixed 2-D sin-cos with positions scaled by {scale:.4f} "
-                             "(MODEL.POSEMBED_SCALE, 160/224 = 0.7143 in the released configs); "
-                             "ours computes unscaled positions, so visual positions differ")
+                             "(MODEL.POSEMBED_SCALE, 160/224 = 0.7143 in the released 224 px "
+                             f"configs) but model.spatial_position_scale is {ours:g}: set "
+                             f"model.spatial_position_scale={scale:.6f} or visual positions differ")
     else:
         out.unplaced[key] = "a learned spatial table; ours computes a fixed 2-D sin-cos"
 

@@ -98,6 +98,13 @@ class ModelConfig:
     ffn_hidden_size: int = _f(256, help="FFN inner width")
     patch_size: int = _f(16, help="conv patch embedding kernel and stride (pixels)")
     image_size: int = _f(32, help="largest image side the spatial position grid covers")
+    spatial_position_scale: float = _f(
+        1.0,
+        help="patch coordinates are multiplied by this in the 2-D sin-cos spatial embedding (the "
+        "reference's MODEL.POSEMBED_SCALE: 1.0 by default and in its 160 px stage 1; its 224 px "
+        "stage 2 and fine-tuning configs use 160/224 = 0.714286, so a 14x14 grid spans the "
+        "10x10 grid's positions); set it to the value of the checkpoint you import",
+    )
     max_frames: int = _f(8, help="learned temporal embeddings (video frames)")
     frame_difference: bool = _f(
         False,

@@ -51,6 +51,7 @@ _LOWER_BOUNDS: list[tuple[str, float, bool]] = [
     ("model.ffn_hidden_size", 1, True),
     ("model.patch_size", 1, True),
     ("model.image_size", 1, True),
+    ("model.spatial_position_scale", 0, False),
     ("model.max_frames", 1, True),
     ("model.vocab_size", 1, True),
     ("model.max_text_positions", 1, True),

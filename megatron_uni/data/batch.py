@@ -7,7 +7,10 @@ Shape legend:
     A  distinct attribute vectors       D  attribute bits (8)
 
 Every sequence, input or target, starts with the ``<SPE>`` token; its encoder output is the
-sequence's representation. A sequence is a list of :class:`TokenRun` (a run of text tokens or of
+sequence's representation. As in the reference (which embeds the data and prepends the SPE after
+it, ``uniperceiver/utils/transformer_util.py`` ``preprocess``), the leading SPE stands outside the
+text's position count: the text after it takes positions 0, 1, ... (:func:`pack`), and the
+tokenizer gives the leading SPE no position and no type embedding (:func:`sequence_start`). A sequence is a list of :class:`TokenRun` (a run of text tokens or of
 one clip's patches, with its attention segment and routing attribute); :func:`pack` places
 sequences into rows first-fit and writes the per-token metadata. Everything a pipeline stage
 needs (attention mask, routing conditions, where the queries and targets are) follows from this
@@ -77,7 +80,9 @@ class TokenRun:
 
     Text runs carry ``text_ids``; image/video runs name a ``clip`` (index into the batch's
     ``images``) and cover all its ``num_patches`` patch tokens. ``positions`` default to
-    continuing the sequence's count (text) or 0..n-1 within the clip (patches).
+    continuing the sequence's count of text tokens after its leading ``<SPE>`` (text: the SPE
+    itself gets 0 and is not counted, so "[SPE] a b" has positions 0, 0, 1) or 0..n-1 within
+    the clip (patches).
     """
 
     modality: Modality
@@ -170,6 +175,14 @@ class PackedBatch:
         return replace(self, loss=loss, **moved)
 
 
+def sequence_start(seq_id: torch.Tensor) -> torch.Tensor:
+    """[R, S] bool: True at each sequence's first token (the ``<SPE>`` every sequence starts
+    with). Sequences are contiguous in a row and numbered apart, so a start is a token whose
+    ``seq_id`` differs from its left neighbour's."""
+    left = torch.cat([torch.full_like(seq_id[:, :1], -1), seq_id[:, :-1]], dim=1)
+    return (seq_id >= 0) & (seq_id != left)
+
+
 def attention_mask(batch: PackedBatch) -> torch.Tensor:
     """[R, 1, S, S] bool, True where attention is NOT allowed (megatron-core's convention)."""
     seq, seg, pos = batch.seq_id, batch.segment, batch.position
@@ -251,8 +264,9 @@ def pack(
             segment[r, sl] = int(run.segment)
             if run.modality == Modality.TEXT:
                 text_ids[r, sl] = torch.tensor(run.text_ids, dtype=torch.long)
-                default_pos = range(text_pos, text_pos + n)
-                text_pos += n
+                lead = int(col == c)  # the leading <SPE>: position 0, outside the count
+                default_pos = [0] * lead + list(range(text_pos, text_pos + n - lead))
+                text_pos += n - lead
             else:
                 if images is None or not 0 <= run.clip < images.shape[0]:
                     have = 0 if images is None else images.shape[0]

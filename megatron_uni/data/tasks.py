@@ -15,6 +15,10 @@ queries and the labels, then pack them (:func:`megatron_uni.data.batch.pack`):
 - retrieval: inputs "[SPE] patches", targets "[SPE] caption"; pair i matches pair i, all other
   pairs (of every data-parallel rank) are negatives.
 
+Text positions are the reference's: the text after a sequence's leading ``<SPE>`` counts from 0
+(:func:`megatron_uni.data.batch.pack`'s default), and captioning's caption tokens and slots both
+take 0..L-1 (``TokenBaseEmbedding.get_time_step`` for ``text_spe_cat``).
+
 Large target sets (``split``) are encoded in shards: rank r of D packs targets
 ``[r*K/D, (r+1)*K/D)`` of the list padded to a multiple of D; labels always index the full list.
 """
@@ -144,7 +148,7 @@ def mlm_batch(
     for i, (ids, labs) in enumerate(zip(input_ids, mlm_labels)):
         if len(ids) != len(labs):
             raise ValueError(f"text {i}: {len(ids)} ids but {len(labs)} labels")
-        inputs.append(SequenceSpec((_spe("text_input"), _text(ids, "text_input", positions=range(1, len(ids) + 1)))))
+        inputs.append(SequenceSpec((_spe("text_input"), _text(ids, "text_input"))))
         for j, lab in enumerate(labs):
             if lab != IGNORE_INDEX:
                 queries.append((i, 1 + j))

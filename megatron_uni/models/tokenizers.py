@@ -4,15 +4,40 @@ Shape legend: R rows, S row length, h hidden, N clips, T frames, C channels, H/W
 p patch size, P = (H/p)(W/p) patches per frame, V padded vocabulary.
 
 - Image / video (an image is a 1-frame video): per-frame conv patch embedding, a FIXED 2-D
-  sin-cos spatial embedding computed for the actual patch grid (so a model trained at 160 px
-  runs at 224 px unchanged), a LEARNED temporal embedding (max frames; during training a random
-  temporal offset shifts which rows a short clip uses); with ``model.frame_difference`` also a
-  patch embedding of each frame minus the previous one (an RGB-difference stream, not in the
-  reference).
+  sin-cos spatial embedding computed for the actual patch grid (coordinates times
+  ``model.spatial_position_scale``; so a model trained at 160 px runs at 224 px unchanged), a
+  LEARNED temporal embedding (max frames; during training a random temporal offset shifts which
+  rows a short clip uses); with ``model.frame_difference`` also a patch embedding of each frame
+  minus the previous one (an RGB-difference stream, not in the reference).
 - Text: vocab-parallel token embedding (CLIP BPE + 3 specials), learned positions, a type
-  embedding.
-- Both go through one shared LayerNorm (as in the reference), then into megatron's ``[s, b, h]``
+  embedding; a sequence's leading ``<SPE>`` gets neither position nor type embedding.
+- All go through one shared LayerNorm (as in the reference), then into megatron's ``[s, b, h]``
   layout, split over tensor-parallel ranks along s when sequence parallelism is on.
+
+Token composition against the reference (``fundamentalvision/Uni-Perceiver`` a8c9e37, released
+MoE configs ``configs/BERT_L12_H768_experiments/16tasks_training_basemoe_stage{1,2}_56gpu.yaml``
+on ``base_model_bert_l12_h768.yaml``: ``OLD_CHECKPONT: True``, ``SHARE_LAYERNORM: True``,
+``POS_BEFORE: True`` (default), ``TOKEN_EMBED.TYPE_VOCAB_SIZE: 2``, ``VIDEO_EMBED.TYPE_SIZE: 1``
+with ``ADD_TYPE_EMBED: False`` (default), ``DIVIDE_ST_POS: True``, ``POSEMBEDFIX: True``,
+``POSEMBED_SCALE`` 1.0 in stage 1 (160 px) and 160/224 in stage 2 (224 px)). ``LN`` is the one
+shared norm (``token_embed.embeddings_norm``; ``share_token_embed_ln`` in
+``uniperceiver/utils/transformer_util.py`` makes ``video_embed.embeddings_norm`` the same module).
+
+| token | reference | ours |
+|---|---|---|
+| a sequence's leading SPE (every input and target sequence) | ``LN(word[<|spe|>])``: ``preprocess`` prepends ``get_spe_token``, which under ``OLD_CHECKPONT`` calls ``token_embed(..., type_embed=False, pos_embed=False)`` (``utils/transformer_util.py``) | same (``batch.sequence_start``) |
+| text (MLM input, class names, vocabulary entries, retrieval captions) | ``LN(word + pos[t] + type[0])``, t = 0..n-1 counted from the first token after the SPE (the text is embedded before the SPE is prepended; ``NNEmbeddingEncoding`` numbers ``arange(n)``; ``modeling/embedding/{token_embed,position_embedding}.py``) | same (``pack`` numbers text after the SPE from 0) |
+| captioning caption tokens and slots (``text_spe_cat``) | ``LN(word + pos[t] + type[0])``; ``get_time_step`` numbers the ``[caption; slots]`` block 0..L-1 twice; the slots are ``<|spe|>`` ids and do get position and type | same (``tasks.captioning_batch``) |
+| MLM ``[MASK]`` | the ``<|spe|>`` id (``DATALOADER.MASK_BPE_WORD`` default ``spe``, ``datasets/task_dataset/general_corpus.py``), embedded as text | ``<|mask|>`` (``data/masking.py``), embedded as text |
+| image / video patch | ``LN(conv(frame) + spatial[k] + temporal[f])``; ``spatial`` = frozen 2-D sin-cos of the row/column scaled by ``POSEMBED_SCALE`` (``build_2d_sincos_position_embedding``), ``temporal`` learned with a random offset in training (``modeling/embedding/video_embed.py`` ``Divide_ST_POS``); no type embedding (``ADD_TYPE_EMBED`` off; the DeepSpeed-era model added ``embeddings_type[0]`` before the norm: the importer folds it into the conv bias) | same, with ``model.spatial_position_scale``; plus the optional ``model.frame_difference`` stream (ours, off by default) inside the sum |
+
+Sequence layout per task (``preprocess`` concatenates ``[SPE] + input_sample_list``; targets and
+shared target sets are encoded separately, each as ``[SPE] text``): classification and retrieval
+inputs ``[SPE][patches]``; MLM ``[SPE][text]``; captioning ``[SPE][patches][caption][slots]``
+(``data_cum_length`` = [1, 1+P, 1+P+2L]); ours packs the same sequences into rows
+(``data/tasks.py``). Position and type embeddings are added before the norm (``POS_BEFORE``).
+Differences in the text itself (which token masks, ``<|endoftext|>`` endings) are data choices,
+documented in ``data/masking.py`` and ``data/examples.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +51,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_uni.config import ModelConfig
-from megatron_uni.data.batch import Modality, PackedBatch
+from megatron_uni.data.batch import Modality, PackedBatch, sequence_start
+from megatron_uni.models.text_tokenizer import ClipTokenizer
 
 VOCAB_PAD_MULTIPLE = 128
 
@@ -41,18 +67,18 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def sincos_2d(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
+def sincos_2d(grid_h: int, grid_w: int, dim: int, scale: float = 1.0) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding, ``[grid_h * grid_w, dim]`` (MAE/ViT style).
 
     Half the channels encode the row, half the column; each half is sin/cos at ``dim/4``
-    geometric frequencies.
+    geometric frequencies of the coordinate times ``scale`` (the reference's POSEMBED_SCALE).
     """
     if dim % 4:
         raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2-D sin-cos embedding")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     ys, xs = torch.meshgrid(
-        torch.arange(grid_h, dtype=torch.float64),
-        torch.arange(grid_w, dtype=torch.float64),
+        torch.arange(grid_h, dtype=torch.float64) * scale,
+        torch.arange(grid_w, dtype=torch.float64) * scale,
         indexing="ij",
     )
 
@@ -70,6 +96,7 @@ class VisualTokenizer(torch.nn.Module):
         super().__init__()
         self.patch_size = model.patch_size
         self.max_frames = model.max_frames
+        self.position_scale = model.spatial_position_scale
         self.proj = torch.nn.Conv2d(
             in_channels, model.hidden_size, kernel_size=model.patch_size, stride=model.patch_size
         )
@@ -99,7 +126,7 @@ class VisualTokenizer(torch.nn.Module):
             x = x + self.diff_proj((images - previous).reshape(n * t, c, height, width))
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2).reshape(n, t, gh * gw, -1)  # [N, T, P, h]
-        spatial = sincos_2d(gh, gw, x.shape[-1]).to(x.dtype).to(x.device)
+        spatial = sincos_2d(gh, gw, x.shape[-1], self.position_scale).to(x.dtype).to(x.device)
         offset = 0
         if self.training and t < self.max_frames:
             # Same draw on every tensor-parallel rank: the default RNG is seeded alike there.
@@ -136,11 +163,13 @@ class InputTokenizer(MegatronModule):
                 f"a text position reaches {int(batch.position.max())} but model.max_text_positions "
                 f"is {self.max_positions}"
             )
-        text = (  # [R, S, h]
-            self.word_embeddings(batch.text_ids)
-            + self.position_embeddings(batch.position)
-            + self.type_embedding
-        )
+        words = self.word_embeddings(batch.text_ids)  # [R, S, h]
+        # A sequence's leading <SPE> is LN(word) alone: the reference prepends it after embedding
+        # the data, without position or type (get_spe_token under OLD_CHECKPONT). Other <SPE>
+        # ids (captioning slots, the reference's MLM masks) are ordinary text.
+        spe = (sequence_start(batch.seq_id) & (batch.text_ids == ClipTokenizer.spe_id))[..., None]
+        extras = self.position_embeddings(batch.position) + self.type_embedding
+        text = torch.where(spe, words, words + extras)
         x = text
         if batch.images.numel() > 0 and bool((batch.patch_index >= 0).any()):
             patches = self.visual(batch.images.to(text.dtype)).reshape(-1, text.shape[-1])

@@ -268,6 +268,13 @@ def test_layout_conversions_and_spatial_check() -> None:
     assert key in plan({key: reference_spatial(14, 768)}).dropped
     the_plan = plan({key: reference_spatial(14, 768, 160 / 224)})
     assert "scaled by 0.7143" in the_plan.unplaced[key]
+    assert "model.spatial_position_scale=0.714286" in the_plan.unplaced[key]
+    # With the released 224 px value configured (model.spatial_position_scale), ours computes
+    # the same table: nothing lost.
+    assert key in plan({key: reference_spatial(14, 768, 160 / 224)},
+                       spatial_scale=160 / 224).dropped
+    assert "scaled by 1.0000" in plan({key: reference_spatial(14, 768)},
+                                      spatial_scale=160 / 224).unplaced[key]
     assert "learned" in plan({key: torch.randn(196, 768)}).unplaced[key]
     assert math.isclose(float(reference_spatial(2, 8)[1, 4]), math.sin(1.0), rel_tol=1e-6)
 

@@ -139,7 +139,8 @@ def test_mlm_masks_and_labels(demo_root: Path) -> None:
     flat_ids, flat_seq = batch.text_ids.flatten(), batch.seq_id.flatten()
     masked = 0
     for i, s in enumerate(seqs[:16]):
-        assert s["position"].tolist() == list(range(len(s["position"])))
+        # The text after the leading SPE counts from 0 (the reference's positions).
+        assert s["position"].tolist() == [0] + list(range(len(s["position"]) - 1))
         assert (s["modality"] == Modality.TEXT).all()
         queries = batch.loss.query_index[flat_seq[batch.loss.query_index] == i]
         labels = batch.loss.labels[flat_seq[batch.loss.query_index] == i]
