@@ -47,7 +47,7 @@ def test_80_10_10_per_word() -> None:
             if labels[w[0]] == IGNORE_INDEX:
                 continue
             got = [inputs[p] for p in w]
-            if all(g == tok.mask_id for g in got):
+            if all(g == tok.spe_id for g in got):  # the reference's mask token
                 actions["mask"] += 1
             elif all(g in RANDOM_IDS for g in got):
                 actions["random"] += 1

@@ -51,7 +51,7 @@ def _task_batch(task: str, seed: int = 0):
         for row, (text, lab) in enumerate(zip(ids, labels)):
             for j in (1 + row % 3, 5):
                 lab[j] = text[j]
-                text[j] = 49408  # <|mask|>
+                text[j] = 49410  # <|spe|>, the reference's mask token
         return tasks.mlm_batch(ids, labels, VOCAB, seq_len=24)
     if task == "captioning":
         return tasks.captioning_batch(

@@ -54,7 +54,7 @@ def _batch(family: str):
                                            seq_len=16, video=True)
         return batch, video, [("clip", 0), ("clip", 1), ("text", names[0]), ("text", names[1])]
     if family == "mlm":
-        texts = [[101, 49408, 103, 104], [105, 106]]
+        texts = [[101, SPE, 103, 104], [105, 106]]  # the reference's mask is <|spe|>: text
         labels = [[-100, 102, -100, -100], [-100, -100]]
         vocab = [102, 107]
         batch = tasks.mlm_batch(texts, labels, vocab, seq_len=16)
