@@ -227,7 +227,9 @@ class TaskConfig:
         None, help="text tokens kept per MLM text or caption; null = as many as fit seq_len"
     )
     mask_prob: float = _f(
-        0.15, help="MLM: fraction of words masked (80% <|spe|> as in the reference, 10% random, 10% kept)"
+        0.15,
+        help="MLM: fraction of words masked (80% <|spe|> as in the reference, 10% random, 10% "
+        "kept)",
     )
     crop_scale: tuple[float, float] = _f(
         (0.08, 1.0), help="training random-resized-crop area range, written [lo, hi]"

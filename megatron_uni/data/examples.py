@@ -165,10 +165,9 @@ class Decoder:
         if not ids:
             raise SampleError("empty caption")
         length = self.plan.max_text_len
-        if self.plan.family == "captioning":
-            # <end_of_text> closes the caption: the last slot learns to stop.
-            return tuple(ids[: length - 1] + [self.tokenizer.eot_id])
-        return tuple(ids[:length])
+        # <end_of_text> closes the caption, cut or not (the reference appends it to captioning
+        # and retrieval captions, image_text_pair.py): the last captioning slot learns to stop.
+        return tuple(ids[: length - 1] + [self.tokenizer.eot_id])
 
     def _masked_text(self, raw: RawSample, rng: np.random.Generator
                      ) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -52,7 +52,7 @@ class TaskPlan:
     clip_tokens: int  # patch tokens of one clip (frames x patches per frame); 0 for text
     seq_len: int
     num_rows: int
-    max_text_len: int  # text tokens kept per MLM text or caption (captioning: incl. <eot>)
+    max_text_len: int  # text tokens kept per MLM text or caption (captions: incl. <eot>)
     shards: tuple[str, ...]
     eval_shards: tuple[str, ...]
     class_names: tuple[tuple[int, ...], ...]  # classification targets (BPE ids per name)

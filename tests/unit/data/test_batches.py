@@ -199,7 +199,9 @@ def test_retrieval_pairs(demo_root: Path) -> None:
     assert len(seqs) == 64 and batch.images.shape == (32, 1, 3, 32, 32)
     assert torch.equal(batch.loss.labels, torch.arange(32))
     for s in seqs[32:]:
-        assert tok.decode(s["text_ids"][1:].tolist()).startswith(("a ", "the "))
+        text = s["text_ids"][1:].tolist()
+        assert text[-1] == tok.eot_id  # closes the caption, as in the reference
+        assert tok.decode(text[:-1]).startswith(("a ", "the "))
 
 
 def test_mixup_gives_soft_targets(demo_root: Path) -> None:
