@@ -84,10 +84,31 @@ def run_ranks(
     timeout: float = 180.0,
     env: dict[str, str] | None = None,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return values by rank."""
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return values by rank.
+
+    The rendezvous port is free when picked but may be taken before rank 0's store binds it
+    (an outgoing connection of another process gets it as its ephemeral port): a start that
+    fails with EADDRINUSE is retried on a new port, up to ``_PORT_ATTEMPTS`` times."""
+    for attempt in range(1, _PORT_ATTEMPTS + 1):
+        try:
+            return _run_once(fn, world_size, args, timeout, env, free_port())
+        except RankFailure as err:
+            if attempt == _PORT_ATTEMPTS or not _port_taken(err):
+                raise
+    raise AssertionError("unreachable")
+
+
+_PORT_ATTEMPTS = 3
+
+
+def _port_taken(err: RankFailure) -> bool:
+    return "EADDRINUSE" in str(err) or "address already in use" in str(err).lower()
+
+
+def _run_once(fn: Callable[..., Any], world_size: int, args: Sequence[Any], timeout: float,
+              env: dict[str, str] | None, port: int) -> list[Any]:
     ctx = _context()
     results = ctx.Queue()
-    port = free_port()
     procs = [
         ctx.Process(
             target=_rank_main,
