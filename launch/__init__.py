@@ -4,8 +4,24 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 from pathlib import Path
+from typing import Sequence
+
+ENTRY = {"train": "megatron_uni.train", "evaluate": "megatron_uni.evaluate"}
+
+
+def run_or_print(cmd: Sequence[str], dry_run: bool) -> int:
+    """Print ``cmd`` (``--dry-run``) or run it with one OpenMP thread per process unless the
+    environment says otherwise; returns its exit code."""
+    if dry_run:
+        print(shlex.join(cmd))
+        return 0
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(list(cmd), env=env)
 
 
 def git_revision(cwd: Path | str = ".") -> str:

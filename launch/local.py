@@ -6,13 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
-import subprocess
 import sys
 from typing import Sequence
 
-from launch.slurm import ENTRY
+from launch import ENTRY, run_or_print
 
 
 def command(nproc: int, config: str, overrides: Sequence[str], entry: str = "train",
@@ -30,12 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     cmd = command(args.nproc, args.config, args.overrides, args.entry)
-    if args.dry_run:
-        print(shlex.join(cmd))
-        return 0
-    env = {**os.environ}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(cmd, env=env)
+    return run_or_print(cmd, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from launch.slurm import ENTRY
+from launch import ENTRY, run_or_print
 
 
 def find_mpiexec(name: str = "mpiexec") -> str:
@@ -63,12 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     cmd = command(args.nproc, args.config, args.overrides, mpiexec=args.mpiexec,
                   hostfile=args.hostfile, entry=args.entry, extra=args.mpi_arg)
-    if args.dry_run:
-        print(shlex.join(cmd))
-        return 0
-    env = {**os.environ}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(cmd, env=env)
+    return run_or_print(cmd, args.dry_run)
 
 
 if __name__ == "__main__":

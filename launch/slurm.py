@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from launch import git_revision, read_env_file
+from launch import ENTRY, git_revision, read_env_file
 
 TEMPLATE = Path(__file__).parent / "templates" / "sbatch.sh.tmpl"
-ENTRY = {"train": "megatron_uni.train", "evaluate": "megatron_uni.evaluate"}
 
 
 @dataclass
