@@ -223,12 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return probe()
     args = parse_args(argv)
     from megatron_uni.config import ConfigError  # noqa: PLC0415
+    from megatron_uni.train import report_error  # noqa: PLC0415
 
     try:
         job = job_from_args(args)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)
     script = job.render()
     if args.dry_run:
         print(script, end="")

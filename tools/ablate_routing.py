@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_uni.config import ConfigError, load_config
+from megatron_uni.train import report_error
 
 VARIANTS: dict[str, list[str]] = {
     "dense": ["moe.num_experts=0", "parallel.ep=1"],
@@ -81,8 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 from megatron_uni.config import Config, ConfigError, load_config
 from megatron_uni.config.to_mcore import transformer_config
 from megatron_uni.parallel.initialize import Runtime, initialize, shutdown
+from megatron_uni.train import report_error
 
 log = logging.getLogger("tools.mcore_smoke")
 
@@ -249,9 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         run(cfg, args.seq_len, args.num_microbatches, Path(cfg.train.run_dir))
     except ConfigError as err:
-        if os.environ.get("RANK", "0") == "0":  # every rank sees the same error: say it once
-            print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)  # every rank sees the same error: rank 0 says it once
     return 0
 
 

@@ -17,6 +17,7 @@ from collections import defaultdict
 from typing import Sequence
 
 from megatron_uni.config import Config, ConfigError, apply_overrides, load_config
+from megatron_uni.train import report_error
 
 
 def arithmetic_count(cfg: Config) -> dict[str, int]:
@@ -85,8 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)
     if cfg.moe.num_experts:
         print("note: counting the dense model; expert counts come with the conditional MoE layers",
               file=sys.stderr)
