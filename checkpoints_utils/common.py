@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from megatron_uni.training.checkpoint import CheckpointError, read_meta, resolve
+from megatron_uni.training.checkpoint import CheckpointError, describe_error, read_meta, resolve
 
 
 class ToolError(RuntimeError):
@@ -78,17 +78,9 @@ def read_tensors(path: Path, keys: Iterable[str] | None = None) -> dict[str, tor
     except BaseException as err:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
-        raise ToolError(f"checkpoint {path}: reading its tensors failed ({_describe(err)}); "
+        raise ToolError(f"checkpoint {path}: reading its tensors failed ({describe_error(err)}); "
                         "a file is truncated or corrupt") from err
     return state
-
-
-def _describe(err: BaseException) -> str:
-    if failures := getattr(err, "failures", None):
-        rank, cause = next(iter(failures.items()))
-        cause = cause[0] if isinstance(cause, tuple) else cause
-        return f"{type(cause).__name__}: {str(cause)[:200]}"
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
 def is_optimizer_key(key: str) -> bool:

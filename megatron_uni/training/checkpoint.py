@@ -378,7 +378,7 @@ def _check_tensors(path: Path, state: dict[str, Any], meta: dict, cfg: Config) -
     try:
         saved = dist_checkpointing.load_tensors_metadata(str(path))
     except Exception as err:  # noqa: BLE001 - any failure here: an unreadable index
-        raise CheckpointError(path, f"its tensor index cannot be read ({_describe(err)})",
+        raise CheckpointError(path, f"its tensor index cannot be read ({describe_error(err)})",
                               "it is truncated or corrupt: resume from an earlier one") from err
     missing: dict[bool, list[str]] = {True: [], False: []}  # is optimizer state -> keys
     shapes: list[str] = []
@@ -403,7 +403,7 @@ def _check_tensors(path: Path, state: dict[str, Any], meta: dict, cfg: Config) -
                               _NO_OPTIM_FIX)
 
 
-def _describe(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
     """One line for an exception; for torch's CheckpointException, the first rank's cause."""
     if failures := getattr(err, "failures", None):
         rank, cause = next(iter(failures.items()))
@@ -446,7 +446,7 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: A
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - torch's is a BaseException
-        raise CheckpointError(path, f"reading failed ({_describe(err)})",
+        raise CheckpointError(path, f"reading failed ({describe_error(err)})",
                               "a file is truncated or corrupt: resume from an earlier one") from err
 
     models = [unwrap(chunk) for chunk in model_chunks]
@@ -460,7 +460,8 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: A
                 scheduler.load_state_dict(loaded["scheduler"])
         except Exception as err:  # noqa: BLE001 - megatron asserts / KeyErrors on mismatches
             raise CheckpointError(
-                path, f"its optimizer or schedule state does not fit this run ({_describe(err)})",
+                path, "its optimizer or schedule state does not fit this run "
+                f"({describe_error(err)})",
                 f"keep optim.* and train.steps as saved, or {_NO_OPTIM_FIX}") from err
     elif optimizer is not None:
         # Mixed precision keeps fp32 main copies made at build time: refresh them, else the
