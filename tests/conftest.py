@@ -1,8 +1,20 @@
-"""Markers: `gpu` tests skip without CUDA; `slow` tests skip unless --run-slow is given."""
+"""Markers: `gpu` tests skip without CUDA; `slow` tests skip unless --run-slow is given.
+Fixture: ``demo_root``, a small demo dataset written once per session (read-only for tests)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+from megatron_uni.data.demo import make_demo_data
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_data(root, seed=0, num_train=96, num_eval=12, num_train_shards=4)
+    return root
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -29,7 +29,6 @@ from pathlib import Path
 import pytest
 
 from checkpoints_utils.reshard import reshard
-from megatron_uni.data.demo import make_demo_data
 from tests.multirank import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,10 +65,10 @@ def _run(world: int, data: Path, run_dir: Path, *overrides: str) -> dict[int, tu
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[int, tuple[str, float]]]:
+def runs(tmp_path_factory: pytest.TempPathFactory, demo_root: Path
+         ) -> dict[str, dict[int, tuple[str, float]]]:
     tmp = tmp_path_factory.mktemp("resume_layouts")
-    data = tmp / "data"
-    make_demo_data(data, seed=0, num_train=96, num_eval=12, num_train_shards=4)
+    data = demo_root
     original = tmp / "tp2pp2ep2"
     first = _run(8, data, original, *_layout(2, 2, 2), f"train.stop_at_step={SAVED_AT}")
     assert sorted(first) == list(range(SAVED_AT))

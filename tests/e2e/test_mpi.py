@@ -10,21 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from megatron_uni.data.demo import make_demo_data
-
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "runs" / "demo.yaml"
 
 
-def test_demo_under_mpiexec(tmp_path: Path) -> None:
+def test_demo_under_mpiexec(demo_root: Path, tmp_path: Path) -> None:
     try:
         import mpi4py.MPI  # noqa: F401
     except ImportError as err:  # requirements.txt pins mpi4py + mpich: CI must have them
         if os.environ.get("CI"):
             pytest.fail(f"mpi4py/MPICH are required in CI: {err}")
         pytest.skip(f"no MPI here: {err}")
-    root, run = tmp_path / "data", tmp_path / "run"
-    make_demo_data(root, seed=0, num_train=96, num_eval=12, num_train_shards=4)
+    root, run = demo_root, tmp_path / "run"
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "PMI_"))}
     env["OMP_NUM_THREADS"] = "1"

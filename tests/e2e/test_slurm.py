@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from megatron_uni.data.demo import make_demo_data
 from tests.e2e.slurm_cluster import SlurmCluster, SlurmUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,13 +32,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         pytest.skip(f"no Slurm here: {err}")
     yield slurm
     slurm.stop()
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo_data")
-    make_demo_data(root, seed=0, num_train=96, num_eval=12, num_train_shards=4)
-    return root
 
 
 def _submit(cluster: SlurmCluster, run_dir: Path, root: Path, *overrides: str) -> str:

@@ -12,17 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_uni.data.demo import make_demo_data
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "runs" / "demo.yaml"
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo_data")
-    make_demo_data(root, seed=0, num_train=96, num_eval=12, num_train_shards=4)
-    return root
 
 
 def _args(root: Path, run_dir: Path, *extra: str) -> list[str]:

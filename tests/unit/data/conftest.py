@@ -1,4 +1,4 @@
-"""Shared fixtures: a small demo dataset (session-wide) and configs that read it."""
+"""Shared fixtures: configs that read the small demo dataset (``demo_root``, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,9 @@ import torch
 
 from megatron_uni.config import Config, load_config
 from megatron_uni.data.batch import PackedBatch
-from megatron_uni.data.demo import make_demo_data
 
 REPO = Path(__file__).resolve().parents[3]
 DEMO_RUN = REPO / "configs" / "runs" / "demo_data.yaml"
-
-
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_data(root, seed=0, num_train=96, num_eval=12, num_train_shards=4)
-    return root
 
 
 def demo_config(root: Path, *overrides: str) -> Config:
