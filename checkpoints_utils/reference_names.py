@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 import torch
 
-from megatron_uni.data.batch import TASK_FAMILIES
-from megatron_uni.models.tokenizers import sincos_2d
+from megatron_uni.batch import TASK_FAMILIES
+from megatron_uni.models.embeddings import sincos_2d
 
 VideoType = Literal["auto", "fold", "drop"]
 
@@ -281,7 +281,7 @@ def _spatial(out: Plan, key: str, table: torch.Tensor, ours: float) -> None:
         return
     table = table.double()
     if torch.allclose(table, sincos_2d(grid, grid, dim, ours).double(), atol=1e-4):
-        out.dropped[key] = ("equals our fixed 2-D sin-cos (models/tokenizers.py sincos_2d) at "
+        out.dropped[key] = ("equals our fixed 2-D sin-cos (models/embeddings.py sincos_2d) at "
                             f"model.spatial_position_scale={ours:g}")
         return
     # Channel dim/2 of patch (0, 1) is sin(scale), channel 3*dim/4 cos(scale) (omega_0 = 1).

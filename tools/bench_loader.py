@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from megatron_uni.config import Config, load_config
-from megatron_uni.data.batch import PackedBatch, Side, attention_mask
+from megatron_uni.batch import PackedBatch, Side, attention_mask
 from megatron_uni.data.loader import MultiTaskLoader
 
 

@@ -22,8 +22,8 @@ from megatron_uni.train import report_error
 
 def arithmetic_count(cfg: Config) -> dict[str, int]:
     """Dense Uni-Perceiver parameters from the sizes, grouped like :func:`built_count`."""
-    from megatron_uni.data.batch import TASK_FAMILIES  # noqa: PLC0415
-    from megatron_uni.models.tokenizers import padded_vocab_size  # noqa: PLC0415
+    from megatron_uni.batch import TASK_FAMILIES  # noqa: PLC0415
+    from megatron_uni.models.embeddings import padded_vocab_size  # noqa: PLC0415
 
     m = cfg.model
     h, f = m.hidden_size, m.ffn_hidden_size

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 # --------------------------------------------------------------------------- choices
-Activation = Literal["gelu"]
-AttentionBackend = Literal["sdpa"]
 RouterKind = Literal["token", "context", "modality", "task", "attribute"]
 MoELayerPattern = Literal["all", "every_other", "none"]
 MoELinear = Literal["qkv", "out", "fc1", "fc2"]
@@ -119,8 +117,6 @@ class ModelConfig:
     init_method_std: float = _f(0.02, help="std of the normal weight init")
     logit_scale_init: float = _f(14.285714, help="initial logit scale (1/0.07)")
     logit_scale_max: float = _f(100.0, help="logit scale clamp")
-    activation: Activation = _f("gelu", help="FFN activation (exact erf GELU)")
-    attention_backend: AttentionBackend = _f("sdpa", help="core attention implementation")
 
 
 @dataclass
@@ -137,7 +133,6 @@ class MoEConfig:
         help="linears that are MoE; out reuses qkv's decision, fc2 reuses fc1's",
         factory=lambda: ["qkv", "out", "fc1", "fc2"],
     )
-    attribute_dim: int = _f(8, help="bits of the attribute routing vector")
     noise_std: float | None = _f(None, help="gate noise std in training; null = 1/num_experts")
     aux_loss_coeff: float = _f(0.0, help="load-balancing loss weight; 0 = off")
     z_loss_coeff: float = _f(0.0, help="router z-loss weight; 0 = off")
@@ -285,7 +280,6 @@ class TrainConfig:
         "mixed-precision path slowly (for testing it)"
     )
     recompute: bool = _f(False, help="full activation recomputation, one layer at a time")
-    eval_interval: int = _f(0, help="steps between evaluations; 0 = off")
     stop_at_step: int | None = _f(
         None, help="save and stop at this step (the LR schedule still spans train.steps); "
         "null = run to train.steps. For time-limited jobs and resume tests"
@@ -304,7 +298,6 @@ class CheckpointConfig:
     )
     save_interval: int = _f(0, help="steps between saves; 0 = only at the end")
     keep_last: int = _f(2, help="checkpoints kept; 0 = keep all")
-    async_save: bool = _f(False, help="write checkpoints in the background")
 
 
 @dataclass
@@ -346,9 +339,25 @@ def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+# Keys that existed once and did nothing: a config naming one gets the reason, not a guess.
+REMOVED_KEYS = {
+    "model.activation": "the encoder's FFN always uses exact (erf) GELU, as the reference",
+    "model.attention_backend": "core attention is always torch's scaled_dot_product_attention, "
+    "which picks the fastest kernel for the packed mask",
+    "moe.attribute_dim": "the attribute router's input width is the attribute table's (8 bits, "
+    "megatron_uni.batch.ATTRIBUTES)",
+    "train.eval_interval": "evaluation runs as its own entry point (python -m "
+    "megatron_uni.evaluate) on a saved checkpoint",
+    "checkpoint.async_save": "checkpoints are written synchronously",
+}
+
+
 def unknown_key_error(path: str, key: Any, valid: list[str]) -> ConfigError:
     """The error for a key that is not a field, suggesting the nearest valid one."""
     dotted = join(path, str(key))
+    if dotted in REMOVED_KEYS:
+        return ConfigError(f"'{dotted}' was removed: {REMOVED_KEYS[dotted]}", field=dotted,
+                           fix="delete it from the config")
     close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
     if close:
         hint = join(path, close[0])

@@ -186,7 +186,7 @@ def make_demo_data(
 ) -> dict[str, ShardSummary]:
     """Write the demo dataset to ``out``: ``num_train`` images and texts and half as many
     videos for training, ``num_eval`` of each for evaluation. Returns the summaries by prefix."""
-    from megatron_uni.models.text_tokenizer import get_tokenizer
+    from megatron_uni.data.text_tokenizer import get_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

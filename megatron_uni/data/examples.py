@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from megatron_uni.data import tasks
-from megatron_uni.data.batch import PackedBatch, PackingError
+from megatron_uni.batch import PackedBatch
+from megatron_uni.data.packing import PackingError
 from megatron_uni.data.masking import whole_word_mask
 from megatron_uni.data.readers import RawSample
 from megatron_uni.data.task_plan import TaskPlan
@@ -41,7 +42,7 @@ from megatron_uni.data.transforms import (
     mix_batch,
     stack_clips,
 )
-from megatron_uni.models.text_tokenizer import ClipTokenizer
+from megatron_uni.data.text_tokenizer import ClipTokenizer
 
 FRAME = re.compile(r"^(?:frame)?(\d+)\.(?:" + "|".join(IMAGE_EXTENSIONS) + r")$")
 

@@ -51,7 +51,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_uni.config import Config, ConfigError
-from megatron_uni.data.batch import PackedBatch
+from megatron_uni.batch import PackedBatch
 from megatron_uni.data.examples import Decoder, Example, SampleError, make_micro_batch
 from megatron_uni.data.readers import (
     BadDataError,
@@ -64,7 +64,7 @@ from megatron_uni.data.readers import (
 from megatron_uni.data.sampler import TaskSampler
 from megatron_uni.data.task_plan import TaskPlan, plan_task, plan_training_tasks
 from megatron_uni.data.transforms import seeded
-from megatron_uni.models.text_tokenizer import ClipTokenizer, get_tokenizer
+from megatron_uni.data.text_tokenizer import ClipTokenizer, get_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ per word, so a word is never half masked). Special tokens are never chosen.
 The mask token is ``<|spe|>``, as in the reference (``DATALOADER.MASK_BPE_WORD`` defaults to
 ``spe``, ``uniperceiver/datasets/task_dataset/general_corpus.py`` ``random_word_wwm``; no released
 config overrides it, so an imported checkpoint learned MLM with ``<|spe|>`` masks). It is embedded as ordinary text (position and
-type), unlike a sequence's leading ``<SPE>`` (see ``models/tokenizers.py``).
+type), unlike a sequence's leading ``<SPE>`` (see ``models/embeddings.py``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from megatron_uni.data.batch import IGNORE_INDEX
-from megatron_uni.models.text_tokenizer import ClipTokenizer
+from megatron_uni.batch import IGNORE_INDEX
+from megatron_uni.data.text_tokenizer import ClipTokenizer
 
 
 def whole_word_mask(

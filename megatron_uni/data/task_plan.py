@@ -6,7 +6,7 @@ not minutes later inside a loader worker.
 
 Fixed shapes. Every micro-batch of a task is [R, S] (``num_rows`` x ``seq_len``) so pipeline
 stages can pre-allocate. When ``num_rows`` is unset, R is the worst case of first-fit packing
-(:func:`megatron_uni.data.batch.pack`): exact for classification (fixed input length, known
+(:func:`megatron_uni.data.packing.pack`): exact for classification (fixed input length, known
 target names; the largest over the data-parallel ranks when the target set is split), and for
 variable-length inputs (MLM texts, captions) an upper bound: ``k = S // longest input`` inputs
 always fit a row that holds fewer than ``k`` (first fit never leaves such a row unfilled), so
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_uni.config import Config, ConfigError, TaskConfig
-from megatron_uni.data.batch import FAMILY_OF_TASK_TYPE
+from megatron_uni.batch import FAMILY_OF_TASK_TYPE
 from megatron_uni.data.readers import expand_shards, missing_shards
 from megatron_uni.data.tasks import target_shard
-from megatron_uni.models.text_tokenizer import ClipTokenizer
+from megatron_uni.data.text_tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def load_target_set(
 
 
 def first_fit_rows(lengths: Sequence[int], seq_len: int) -> int:
-    """Rows that :func:`~megatron_uni.data.batch.pack` uses for sequences of ``lengths``."""
+    """Rows that :func:`~megatron_uni.data.packing.pack` uses for sequences of ``lengths``."""
     used: list[int] = []
     for n in lengths:
         for r, u in enumerate(used):

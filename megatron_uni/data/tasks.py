@@ -4,7 +4,7 @@ Shape legend: N clips, T frames, C channels, H/W pixels, B pairs, K targets.
 
 Builders take preprocessed examples (pixels, BPE ids, labels) and lay out the input and target
 sequences with their segments and routing attributes (the reference's attribute table), the
-queries and the labels, then pack them (:func:`megatron_uni.data.batch.pack`):
+queries and the labels, then pack them (:func:`megatron_uni.data.packing.pack`):
 
 - classification: input "[SPE] patches" per clip; targets "[SPE] class name" per class; the
   query is each input's SPE, the label its class.
@@ -16,7 +16,7 @@ queries and the labels, then pack them (:func:`megatron_uni.data.batch.pack`):
   pairs (of every data-parallel rank) are negatives.
 
 Text positions are the reference's: the text after a sequence's leading ``<SPE>`` counts from 0
-(:func:`megatron_uni.data.batch.pack`'s default), and captioning's caption tokens and slots both
+(:func:`megatron_uni.data.packing.pack`'s default), and captioning's caption tokens and slots both
 take 0..L-1 (``TokenBaseEmbedding.get_time_step`` for ``text_spe_cat``).
 
 Large target sets (``split``) are encoded in shards: rank r of D packs targets
@@ -29,18 +29,10 @@ from typing import Sequence
 
 import torch
 
-from megatron_uni.data.batch import (
-    IGNORE_INDEX,
-    LossSpec,
-    Modality,
-    PackedBatch,
-    Segment,
-    SequenceSpec,
-    Side,
-    TokenRun,
-    pack,
-)
-from megatron_uni.models.text_tokenizer import ClipTokenizer
+from megatron_uni.batch import IGNORE_INDEX, LossSpec, Modality, PackedBatch, Segment, Side
+
+from megatron_uni.data.packing import SequenceSpec, TokenRun, pack
+from megatron_uni.data.text_tokenizer import ClipTokenizer
 
 SPE_ID = ClipTokenizer.spe_id
 

@@ -46,7 +46,7 @@ from megatron_uni.evaluation.metrics import (
     topk_correct,
     words,
 )
-from megatron_uni.models.text_tokenizer import ClipTokenizer
+from megatron_uni.data.text_tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
 

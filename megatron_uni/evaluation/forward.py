@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from megatron_uni.data.batch import PackedBatch
+from megatron_uni.batch import PackedBatch
 from megatron_uni.evaluation.distributed import is_last_stage, world_max
 from megatron_uni.training.step import unwrap
 

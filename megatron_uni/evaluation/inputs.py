@@ -28,12 +28,12 @@ import torch
 
 from megatron_uni.config import Config
 from megatron_uni.data import tasks
-from megatron_uni.data.batch import IGNORE_INDEX, PackedBatch
+from megatron_uni.batch import IGNORE_INDEX, PackedBatch
 from megatron_uni.data.examples import Decoder, Example, SampleError
 from megatron_uni.data.readers import BadSampleCounter, read_in_order, stable_hash
 from megatron_uni.data.task_plan import TaskPlan, worst_case_rows
 from megatron_uni.data.transforms import seeded
-from megatron_uni.models.text_tokenizer import ClipTokenizer
+from megatron_uni.data.text_tokenizer import ClipTokenizer
 
 NO_TARGETS = range(0)  # the target shard of a batch that carries no targets
 

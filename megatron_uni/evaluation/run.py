@@ -29,7 +29,7 @@ from megatron_uni.evaluation.evaluators import (
     evaluation_tasks,
 )
 from megatron_uni.evaluation.forward import ForwardRunner
-from megatron_uni.models.text_tokenizer import get_tokenizer
+from megatron_uni.data.text_tokenizer import get_tokenizer
 from megatron_uni.parallel.initialize import Runtime
 
 log = logging.getLogger(__name__)

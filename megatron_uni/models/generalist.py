@@ -2,7 +2,7 @@
 
 Shape legend: R rows, S row length, s = S (or S/tp under sequence parallelism), h hidden.
 
-    stage 0 (pre_process):   PackedBatch --InputTokenizer--> [s, R, h]
+    stage 0 (pre_process):   PackedBatch --InputEmbedding--> [s, R, h]
     every stage:             [s, R, h] --TransformerBlock (this stage's layers)--> [s, R, h]
     last stage (post_process): hidden --MatchingHead(batch)--> loss sum, count, metrics
 
@@ -24,10 +24,10 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_uni.config import Config
-from megatron_uni.data.batch import PackedBatch, attention_mask
+from megatron_uni.batch import PackedBatch, attention_mask
 from megatron_uni.models.heads import MatchingHead
 from megatron_uni.models.layer_spec import encoder_block_spec
-from megatron_uni.models.tokenizers import InputTokenizer
+from megatron_uni.models.embeddings import InputEmbedding
 from megatron_uni.moe.routing import RoutingContext
 
 
@@ -51,7 +51,8 @@ class UniPerceiver(MegatronModule):
         self.share_embeddings_and_output_weights = False
         tp = pg_collection.tp.size()
         if pre_process:
-            self.tokenizer = InputTokenizer(config, cfg.model, tp)
+            # named `tokenizer` as in the reference (and in every checkpoint's keys)
+            self.tokenizer = InputEmbedding(config, cfg.model, tp)
         # The MoE layers' side channel for routing conditions (see moe/routing.py).
         self.routing = RoutingContext(
             num_tasks=max(len(cfg.data.tasks), 1),

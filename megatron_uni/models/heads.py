@@ -22,7 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_uni.config import ModelConfig
-from megatron_uni.data.batch import IGNORE_INDEX, TASK_FAMILIES, LossSpec, PackedBatch
+from megatron_uni.batch import IGNORE_INDEX, TASK_FAMILIES, LossSpec, PackedBatch
 from megatron_uni.parallel.autograd_collectives import all_gather_with_grad
 
 

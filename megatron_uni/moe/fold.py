@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_uni.data.batch import ATTRIBUTES, Modality
+from megatron_uni.batch import ATTRIBUTES, Modality
 from megatron_uni.moe.linear import MoEColumnLinear, MoERowLinear
 from megatron_uni.moe.routing import SEGMENT_CONSTANT, ConditionalRouter, RoutingContext
 

@@ -43,7 +43,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_uni.config import MoEConfig
-from megatron_uni.data.batch import Modality, PackedBatch
+from megatron_uni.batch import ATTRIBUTES, Modality, PackedBatch
 
 SEGMENT_CONSTANT = ("modality", "task", "attribute")
 
@@ -128,7 +128,7 @@ class ConditionalRouter(MegatronModule):
         self.context_source = moe.context_source
         self.ctx = context
         self.name = name
-        widths = {"modality": len(Modality), "task": context.num_tasks, "attribute": moe.attribute_dim}
+        widths = {"modality": len(Modality), "task": context.num_tasks, "attribute": len(next(iter(ATTRIBUTES.values())))}
         if self.strategy in SEGMENT_CONSTANT:
             self.embed = torch.nn.Linear(widths[self.strategy], hidden_size)
             self.norm = torch.nn.LayerNorm(hidden_size)

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import torch
 
-from megatron_uni.data.batch import ATTRIBUTES
+from megatron_uni.batch import ATTRIBUTES
 from megatron_uni.moe.routing import ConditionalRouter
 
 _ORDER = ["".join(map(str, vec)) for vec in ATTRIBUTES.values()]

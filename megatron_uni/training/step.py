@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from megatron_uni.data.batch import PackedBatch
+from megatron_uni.batch import PackedBatch
 
 
 def unwrap(model: Any) -> Any:

@@ -172,6 +172,16 @@ def test_unknown_keys_in_overrides() -> None:
         apply_overrides(Config(), ["data.tasks.t.weight=1"])
 
 
+@pytest.mark.parametrize("override", ["model.activation=gelu", "model.attention_backend=sdpa",
+                                      "moe.attribute_dim=4", "train.eval_interval=10",
+                                      "checkpoint.async_save=true"])
+def test_removed_keys_say_why(override: str) -> None:
+    """Fields that did nothing are gone; naming one says why instead of guessing a near key
+    (moe.attribute_dim=4 used to pass validation and crash at the first step)."""
+    err = error_of([override])
+    assert "was removed" in str(err) and err.field == override.split("=")[0]
+
+
 @pytest.mark.parametrize("override", ["parallel.tp", "=3", "parallel..tp=2"])
 def test_malformed_override(override: str) -> None:
     assert "key=value" in str(error_of([override]))

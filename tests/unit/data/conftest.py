@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_uni.config import Config, load_config
-from megatron_uni.data.batch import PackedBatch
+from megatron_uni.batch import PackedBatch
 
 REPO = Path(__file__).resolve().parents[3]
 DEMO_RUN = REPO / "configs" / "runs" / "demo_data.yaml"

@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_uni.data.batch import (
-    ATTRIBUTES,
-    PackingError,
-    Segment,
-    Side,
-    attention_mask,
-)
+from megatron_uni.batch import ATTRIBUTES, Segment, Side, attention_mask
+
+from megatron_uni.data.packing import PackingError
 from megatron_uni.data.tasks import SPE_ID, captioning_batch, retrieval_batch, target_shard
 
 # Captioning of one 32x16 image (2 patches) with the 2-token caption [7, 8], then a 2-token

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from megatron_uni.config import Config
-from megatron_uni.data.batch import (
+from megatron_uni.batch import (
     ATTRIBUTES,
     IGNORE_INDEX,
     Modality,
@@ -23,7 +23,7 @@ from megatron_uni.data.batch import (
 )
 from megatron_uni.data.demo import COLOURS, IMAGE_CLASSES, VIDEO_CLASSES
 from megatron_uni.data.loader import EvalLoader, MultiTaskLoader
-from megatron_uni.models.text_tokenizer import get_tokenizer
+from megatron_uni.data.text_tokenizer import get_tokenizer
 from tests.unit.data.conftest import demo_config
 
 SPE = get_tokenizer().spe_id

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from megatron_uni.config import Config, apply_overrides
-from megatron_uni.data.batch import Segment
+from megatron_uni.batch import Segment
 from megatron_uni.data.loader import EvalLoader
 from megatron_uni.data.readers import iter_shard
-from megatron_uni.models.text_tokenizer import get_tokenizer
+from megatron_uni.data.text_tokenizer import get_tokenizer
 from tools import build_shards
 
 # Normalised red channel of a pure colour: (v / 255 - mean) / std.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron_uni.config import load_config
-from megatron_uni.data.batch import FAMILY_OF_TASK_TYPE, Modality
+from megatron_uni.batch import FAMILY_OF_TASK_TYPE, Modality
 from megatron_uni.data.demo import make_demo_data
 from megatron_uni.data.loader import EvalLoader, MultiTaskLoader
 from tests.unit.data.conftest import REPO

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from megatron_uni.data.batch import IGNORE_INDEX
+from megatron_uni.batch import IGNORE_INDEX
 from megatron_uni.data.masking import whole_word_mask
-from megatron_uni.models.text_tokenizer import get_tokenizer
+from megatron_uni.data.text_tokenizer import get_tokenizer
 
 # Long multi-token words, so that "whole word" is actually tested.
 TEXT = ("supercalifragilisticexpialidocious antidisestablishmentarianism is a naive résumé of "

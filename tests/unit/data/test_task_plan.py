@@ -10,14 +10,14 @@ import torch
 
 from megatron_uni.config import ConfigError
 from megatron_uni.data import tasks
-from megatron_uni.data.batch import IGNORE_INDEX
+from megatron_uni.batch import IGNORE_INDEX
 from megatron_uni.data.task_plan import (
     first_fit_rows,
     plan_task,
     plan_training_tasks,
     worst_case_rows,
 )
-from megatron_uni.models.text_tokenizer import get_tokenizer
+from megatron_uni.data.text_tokenizer import get_tokenizer
 from tests.unit.data.conftest import demo_config
 
 

@@ -27,7 +27,7 @@ def _setup(root: str):
     from megatron_uni.data.task_plan import plan_task
     from megatron_uni.evaluation.forward import ForwardRunner
     from megatron_uni.models.generalist import build_model
-    from megatron_uni.models.text_tokenizer import get_tokenizer
+    from megatron_uni.data.text_tokenizer import get_tokenizer
     from megatron_uni.parallel.initialize import initialize
 
     cfg = load_config(REPO / "configs" / "runs" / "demo_data.yaml", [

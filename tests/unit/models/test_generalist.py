@@ -88,7 +88,8 @@ def test_each_task_overfits_one_batch(task: str) -> None:
 
 
 def _isolation(rank: int, world: int) -> dict:
-    from megatron_uni.data.batch import Modality, SequenceSpec, TokenRun, pack
+    from megatron_uni.batch import Modality
+    from megatron_uni.data.packing import SequenceSpec, TokenRun, pack
     from megatron_uni.data.tasks import SPE_ID
 
     model = _model()
@@ -151,7 +152,7 @@ def test_visual_tokenizer_any_grid_and_temporal_offset() -> None:
 
 
 def test_sincos_embedding_is_fixed_and_distinct() -> None:
-    from megatron_uni.models.tokenizers import sincos_2d
+    from megatron_uni.models.embeddings import sincos_2d
 
     emb = sincos_2d(3, 4, 64)
     assert emb.shape == (12, 64)
@@ -162,7 +163,7 @@ def test_sincos_embedding_is_fixed_and_distinct() -> None:
 
 
 def test_padded_vocab_is_layout_independent() -> None:
-    from megatron_uni.models.tokenizers import padded_vocab_size
+    from megatron_uni.models.embeddings import padded_vocab_size
 
     assert padded_vocab_size(49411, 1) == padded_vocab_size(49411, 8) == 49536
     assert padded_vocab_size(49411, 3) % 3 == 0

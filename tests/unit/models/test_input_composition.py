@@ -147,7 +147,8 @@ def test_token_embeddings_follow_the_reference_rules(family: str, overrides: lis
 
 
 def test_pack_numbers_text_after_the_leading_spe_from_zero() -> None:
-    from megatron_uni.data.batch import Modality, SequenceSpec, TokenRun, pack, sequence_start
+    from megatron_uni.batch import Modality, sequence_start
+    from megatron_uni.data.packing import SequenceSpec, TokenRun, pack
 
     seqs = [SequenceSpec((TokenRun(Modality.TEXT, "text_input", text_ids=(SPE, 5, 6)),)),
             SequenceSpec((TokenRun(Modality.TEXT, "text_target", text_ids=(SPE,)),

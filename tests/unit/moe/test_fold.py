@@ -64,7 +64,7 @@ def _per_condition_diff(batches, before, after, key_of) -> dict[str, float]:
 def _checks(rank: int, world: int) -> dict:
     from dataclasses import replace
 
-    from megatron_uni.data.batch import ATTRIBUTES
+    from megatron_uni.batch import ATTRIBUTES
     from megatron_uni.moe.experts import ExpertLinears
     from megatron_uni.moe.fold import FoldedLinear, UnfoldedConditionError, fold_model
     from megatron_uni.moe.routing import ConditionalRouter

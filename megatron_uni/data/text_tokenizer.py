@@ -24,6 +24,8 @@ from pathlib import Path
 
 import regex
 
+from megatron_uni.batch import SPE_ID, VOCAB_SIZE
+
 try:  # ftfy repairs mojibake the way CLIP's training data was cleaned; optional.
     import ftfy
 except ImportError:  # pragma: no cover - exercised only without ftfy installed
@@ -121,12 +123,12 @@ class ClipTokenizer:
     ``encode`` adds no special tokens; special-token strings in the input text map to their ids.
     """
 
-    vocab_size: int = 49411
+    vocab_size: int = VOCAB_SIZE  # the batch contract's numbers, checked when built
     sot_id: int = 49406
     eot_id: int = 49407
     mask_id: int = 49408
     gen_id: int = 49409
-    spe_id: int = 49410
+    spe_id: int = SPE_ID
 
     def __init__(self, vocab_path: str | Path | None = None, bpe_cache_size: int = 1 << 16) -> None:
         path = Path(vocab_path) if vocab_path is not None else default_vocab_path()

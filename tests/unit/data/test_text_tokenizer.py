@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_uni.models import text_tokenizer
-from megatron_uni.models.text_tokenizer import ClipTokenizer, get_tokenizer
+from megatron_uni.data import text_tokenizer
+from megatron_uni.data.text_tokenizer import ClipTokenizer, get_tokenizer
 
 CAPTIONS = [
     "A photo of a cat.",
@@ -147,7 +147,7 @@ def test_missing_open_clip_names_the_package(monkeypatch: pytest.MonkeyPatch) ->
 def test_open_clip_is_not_imported() -> None:
     # In a fresh interpreter: other tests in the session may import open_clip themselves.
     code = (
-        "import sys; from megatron_uni.models.text_tokenizer import get_tokenizer; "
+        "import sys; from megatron_uni.data.text_tokenizer import get_tokenizer; "
         "get_tokenizer(); assert 'open_clip' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 
 from megatron_uni.config import ModelConfig
-from megatron_uni.models.tokenizers import VisualTokenizer
+from megatron_uni.models.embeddings import VisualEmbedding
 
 
-def _pair(**fields) -> tuple[VisualTokenizer, VisualTokenizer]:
+def _pair(**fields) -> tuple[VisualEmbedding, VisualEmbedding]:
     """A tokenizer without and one with the difference stream, sharing every other weight."""
     torch.manual_seed(0)
-    plain = VisualTokenizer(ModelConfig(hidden_size=32, patch_size=8, **fields)).eval()
+    plain = VisualEmbedding(ModelConfig(hidden_size=32, patch_size=8, **fields)).eval()
     torch.manual_seed(0)
-    diff = VisualTokenizer(ModelConfig(hidden_size=32, patch_size=8, frame_difference=True,
+    diff = VisualEmbedding(ModelConfig(hidden_size=32, patch_size=8, frame_difference=True,
                                        **fields)).eval()
     diff.load_state_dict(plain.state_dict(), strict=False)
     torch.nn.init.normal_(diff.diff_proj.weight, std=0.05)

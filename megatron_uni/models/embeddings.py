@@ -1,4 +1,7 @@
-"""Modality tokenizers: pixels and token ids -> one token sequence of width ``hidden``.
+"""Input embeddings: pixels and token ids -> one token sequence of width ``hidden``.
+
+(The reference calls these modules tokenizers; the model keeps them under ``tokenizer.*`` so
+checkpoint names and the importer's tables stay as they were.)
 
 Shape legend: R rows, S row length, h hidden, N clips, T frames, C channels, H/W pixels,
 p patch size, P = (H/p)(W/p) patches per frame, V padded vocabulary.
@@ -51,8 +54,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_uni.config import ModelConfig
-from megatron_uni.data.batch import Modality, PackedBatch, sequence_start
-from megatron_uni.models.text_tokenizer import ClipTokenizer
+from megatron_uni.batch import SPE_ID, Modality, PackedBatch, sequence_start
 
 VOCAB_PAD_MULTIPLE = 128
 
@@ -89,7 +91,7 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int, scale: float = 1.0) -> torch.T
     return torch.cat([encode(ys), encode(xs)], dim=1).float()
 
 
-class VisualTokenizer(torch.nn.Module):
+class VisualEmbedding(torch.nn.Module):
     """``[N, T, C, H, W]`` pixels -> ``[N, T * P, h]`` patch tokens (before the shared norm)."""
 
     def __init__(self, model: ModelConfig, in_channels: int = 3) -> None:
@@ -136,12 +138,12 @@ class VisualTokenizer(torch.nn.Module):
         return x.reshape(n, t * gh * gw, -1)
 
 
-class InputTokenizer(MegatronModule):
+class InputEmbedding(MegatronModule):
     """A packed batch -> ``[S, R, h]`` encoder input (``[S/tp, R, h]`` under sequence parallel)."""
 
     def __init__(self, config: TransformerConfig, model: ModelConfig, tp: int) -> None:
         super().__init__(config=config)
-        self.visual = VisualTokenizer(model)
+        self.visual = VisualEmbedding(model)
         self.word_embeddings = VocabParallelEmbedding(
             padded_vocab_size(model.vocab_size, tp),
             model.hidden_size,
@@ -167,7 +169,7 @@ class InputTokenizer(MegatronModule):
         # A sequence's leading <SPE> is LN(word) alone: the reference prepends it after embedding
         # the data, without position or type (get_spe_token under OLD_CHECKPONT). Other <SPE>
         # ids (captioning slots, the reference's MLM masks) are ordinary text.
-        spe = (sequence_start(batch.seq_id) & (batch.text_ids == ClipTokenizer.spe_id))[..., None]
+        spe = (sequence_start(batch.seq_id) & (batch.text_ids == SPE_ID))[..., None]
         extras = self.position_embeddings(batch.position) + self.type_embedding
         text = torch.where(spe, words, words + extras)
         x = text
