@@ -136,7 +136,13 @@ class MoEConfig:
     noise_std: float | None = _f(None, help="gate noise std in training; null = 1/num_experts")
     aux_loss_coeff: float = _f(0.0, help="load-balancing loss weight; 0 = off")
     z_loss_coeff: float = _f(0.0, help="router z-loss weight; 0 = off")
-    execution: MoEExecution = _f("auto", help="token dispatch, grouped, or chosen per layer")
+    execution: MoEExecution = _f(
+        "auto", help="dispatch (token dispatch), grouped (per-condition merged experts), or auto: "
+        "the cheaper of the two per layer and micro-batch by a FLOPs + bytes cost model "
+        "(moe/linear.py choose_execution; dispatch for token/context routers)")
+    auto_flops_per_byte: float | None = _f(
+        None, help="auto's exchange rate: FLOPs that one byte of collective traffic costs; null = "
+        "the device's default (cuda 2000, cpu 100)")
     token_dispatcher: TokenDispatcher = _f("allgather", help="megatron token dispatcher")
     context_source: ContextSource = _f("spe", help="context router input: SPE token or mean")
 

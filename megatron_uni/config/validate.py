@@ -65,6 +65,7 @@ _LOWER_BOUNDS: list[tuple[str, float, bool]] = [
     ("moe.noise_std", 0, True),
     ("moe.aux_loss_coeff", 0, True),
     ("moe.z_loss_coeff", 0, True),
+    ("moe.auto_flops_per_byte", 0, True),
     ("parallel.tp", 1, True),
     ("parallel.pp", 1, True),
     ("parallel.ep", 1, True),

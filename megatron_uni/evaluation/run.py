@@ -78,19 +78,16 @@ def evaluate_tasks(
     from megatron_uni.training.metrics import gather_routing_stats  # noqa: PLC0415
     from megatron_uni.training.step import unwrap  # noqa: PLC0415
 
-    routing = unwrap(chunks[0]).routing
+    tracker = unwrap(chunks[0]).routing_tracker
     results: dict[str, TaskResult] = {}
     for name in evaluation_tasks(cfg, tasks):
         start = time.perf_counter()
         plan = plan_task(cfg, name, dp_rank, dp_size, tokenizer, need_train=False, need_eval=True)
-        routing.collect_stats, routing.stats = cfg.moe.enabled, {}
-        try:
+        with tracker.collecting():
             results[name] = evaluate_plan(ctx, plan)
-        finally:
-            routing.collect_stats = False
+            counts = tracker.stats()
         if cfg.moe.enabled:  # collective: every rank takes this branch alike
-            results[name].routing = stats_to_json(gather_routing_stats(routing.stats),
-                                                  cfg.moe.topk)
+            results[name].routing = stats_to_json(gather_routing_stats(counts), cfg.moe.topk)
         if runtime.is_main:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in results[name].metrics.items())
             log.info("eval %s (%s, %d samples, %.1f s): %s", name, plan.family,

@@ -19,7 +19,7 @@ import torch
 from megatron.core.enums import ModelType
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import TransformerBlock, get_num_layers_to_build
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -28,7 +28,9 @@ from megatron_uni.batch import PackedBatch, attention_mask
 from megatron_uni.models.heads import MatchingHead
 from megatron_uni.models.layer_spec import encoder_block_spec
 from megatron_uni.models.embeddings import InputEmbedding
-from megatron_uni.moe.routing import RoutingContext
+from megatron_uni.models.encoder import EncoderBlock
+from megatron_uni.moe.conditions import RoutingConditions
+from megatron_uni.moe.tracker import RoutingTracker
 
 
 class UniPerceiver(MegatronModule):
@@ -53,20 +55,19 @@ class UniPerceiver(MegatronModule):
         if pre_process:
             # named `tokenizer` as in the reference (and in every checkpoint's keys)
             self.tokenizer = InputEmbedding(config, cfg.model, tp)
-        # The MoE layers' side channel for routing conditions (see moe/routing.py).
-        self.routing = RoutingContext(
-            num_tasks=max(len(cfg.data.tasks), 1),
-            sp_rank=pg_collection.tp.rank() if config.sequence_parallel else 0,
-            sp_size=tp if config.sequence_parallel else 1,
-        )
-        self.encoder = TransformerBlock(
+        # Sequence-parallel slice of the routing conditions this stage's routers see.
+        self.sp_rank = pg_collection.tp.rank() if config.sequence_parallel else 0
+        self.sp_size = tp if config.sequence_parallel else 1
+        # Where this stage's routers report losses and expert counts (moe/tracker.py).
+        self.routing_tracker = RoutingTracker()
+        self.encoder = EncoderBlock(
             config=config,
             spec=encoder_block_spec(
                 config,
                 cfg,
                 get_transformer_layer_offset(config),
                 get_num_layers_to_build(config),
-                self.routing,
+                self.routing_tracker,
             ),
             post_layer_norm=False,
             pre_process=pre_process,
@@ -83,10 +84,13 @@ class UniPerceiver(MegatronModule):
         self.encoder.set_input_tensor(input_tensor)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Encoder output ``[s, R, h]`` of this stage (the last stage's goes to :meth:`loss`)."""
-        self.routing.update(batch)
+        """Encoder output ``[s, R, h]`` of this stage (the last stage's goes to :meth:`loss`).
+
+        The routing conditions are built from this micro-batch and passed down as an argument
+        (moe/conditions.py): a recomputed forward replays its own micro-batch's."""
+        conditions = RoutingConditions.from_batch(batch, self.sp_rank, self.sp_size)
         hidden = self.tokenizer(batch) if self.pre_process else None
-        return self.encoder(hidden_states=hidden, attention_mask=attention_mask(batch))
+        return self.encoder(hidden, attention_mask(batch), conditions)
 
     def loss(
         self, batch: PackedBatch, hidden: torch.Tensor

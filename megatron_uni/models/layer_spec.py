@@ -2,30 +2,39 @@
 
 Block (reference order): ``x = x + gamma_1 * attn(LN1(x)); x = x + gamma_2 * fc2(gelu(fc1(LN2(x))))``
 with DropPath before the gamma scaling in training. Built from megatron's ``TransformerLayer``,
-``SelfAttention`` (fused QKV with bias, tensor-parallel) and ``MLP``; our pieces fill the slots:
-``LayerNorm`` (sequence-parallel capable), ``SDPAttention`` (arbitrary masks) and
-``ScaledResidualAdd`` (LayerScale + DropPath in the bias-dropout-add slot). Dense and MoE layers
-differ only in the spec (the conditional MoE issue swaps the linears), never in ``forward``.
+``SelfAttention`` (fused QKV with bias, tensor-parallel) and ``MLP`` in the subclasses of
+``models/encoder.py`` (same modules and names; their forwards pass the routing conditions);
+our pieces fill the slots: ``LayerNorm`` (sequence-parallel capable), ``SDPAttention`` (arbitrary
+masks) and ``ScaledResidualAdd`` (LayerScale + DropPath in the bias-dropout-add slot). Dense and
+MoE layers differ only in the spec: which linear fills a slot and which router the pair's first
+expert linear owns (``moe.routers.router_class``), never in ``forward``.
 """
 
 from __future__ import annotations
 
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_uni.config import Config, ModelConfig
 from megatron_uni.models.attention import SDPAttention
+from megatron_uni.models.encoder import (
+    DenseColumnLinear,
+    DenseRowLinear,
+    EncoderLayer,
+    EncoderMLP,
+    EncoderSelfAttention,
+)
 from megatron_uni.models.norm import LayerNorm
 from megatron_uni.models.residual import ScaledResidualAdd
-from megatron_uni.moe.linear import DecisionSlot, MoEColumnLinear, MoERowLinear
-from megatron_uni.moe.routing import RoutingContext
+from megatron_uni.moe.linear import MoEColumnLinear, MoERowLinear
+from megatron_uni.moe.routers import TableRouter, router_class
+from megatron_uni.moe.tracker import RoutingTracker
 
 
 def _residual_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpec:
@@ -40,23 +49,30 @@ def _residual_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpec:
     )
 
 
-def _linear_pair(
-    cfg: Config, config: TransformerConfig, routing: RoutingContext, layer: int, pair: str
-) -> tuple[object, object]:
+def _router_spec(cfg: Config, tracker: RoutingTracker, name: str) -> ModuleSpec:
+    cls = router_class(cfg.moe)
+    params = {"moe": cfg.moe, "hidden_size": cfg.model.hidden_size, "tracker": tracker,
+              "name": name}
+    if cls is TableRouter:
+        params["num_tasks"] = max(len(cfg.data.tasks), 1)
+    return ModuleSpec(module=cls, params=params)
+
+
+def _linear_pair(cfg: Config, tracker: RoutingTracker, layer: int, pair: str
+                 ) -> tuple[object, object]:
     """The (column, row) linears of the attention (qkv, out) or MLP (fc1, fc2) of a layer:
-    megatron's dense linears, or expert linears sharing one routing decision."""
+    megatron's dense linears, or expert linears sharing one routing decision (the first expert
+    linear of the pair owns the router)."""
     first, second = ("qkv", "out") if pair == "attn" else ("fc1", "fc2")
     wanted = set(cfg.moe.linears)
-    slot = DecisionSlot()
+    name = f"layer{layer}.{pair}"
 
-    def expert(cls: type, name: str, owns_router: bool) -> ModuleSpec:
-        return ModuleSpec(module=cls, params={
-            "moe": cfg.moe, "routing": routing, "slot": slot, "owns_router": owns_router,
-            "name": f"layer{layer}.{pair}",
-        })
+    def expert(cls: type, owns_router: bool) -> ModuleSpec:
+        router = _router_spec(cfg, tracker, name) if owns_router else None
+        return ModuleSpec(module=cls, params={"moe": cfg.moe, "router": router, "name": name})
 
-    column = expert(MoEColumnLinear, first, True) if first in wanted else ColumnParallelLinear
-    row = expert(MoERowLinear, second, first not in wanted) if second in wanted else RowParallelLinear
+    column = expert(MoEColumnLinear, True) if first in wanted else DenseColumnLinear
+    row = expert(MoERowLinear, first not in wanted) if second in wanted else DenseRowLinear
     return column, row
 
 
@@ -64,23 +80,23 @@ def layer_spec(
     config: TransformerConfig,
     cfg: Config,
     layer: int = 0,
-    routing: RoutingContext | None = None,
+    tracker: RoutingTracker | None = None,
 ) -> ModuleSpec:
     """Encoder layer number ``layer`` (global index): dense, or MoE when ``cfg.moe`` places
-    experts there (then ``routing`` carries the conditions)."""
+    experts there (its routers report to ``tracker``, the model's)."""
     model = cfg.model
-    linears = {"attn": (ColumnParallelLinear, RowParallelLinear),
-               "mlp": (ColumnParallelLinear, RowParallelLinear)}
+    linears = {"attn": (DenseColumnLinear, DenseRowLinear),
+               "mlp": (DenseColumnLinear, DenseRowLinear)}
     if cfg.moe.enabled and layer in cfg.moe.layer_indices(model.num_layers):
-        if routing is None:
-            raise ValueError("an MoE layer needs the model's RoutingContext")
-        linears = {pair: _linear_pair(cfg, config, routing, layer, pair) for pair in linears}
+        if tracker is None:
+            raise ValueError("an MoE layer needs the model's RoutingTracker")
+        linears = {pair: _linear_pair(cfg, tracker, layer, pair) for pair in linears}
     return ModuleSpec(
-        module=TransformerLayer,
+        module=EncoderLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=LayerNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=EncoderSelfAttention,
                 params={"attn_mask_type": AttnMaskType.arbitrary},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=linears["attn"][0],
@@ -93,7 +109,7 @@ def layer_spec(
             self_attn_bda=_residual_spec(config, model),
             pre_mlp_layernorm=LayerNorm,
             mlp=ModuleSpec(
-                module=MLP,
+                module=EncoderMLP,
                 submodules=MLPSubmodules(
                     linear_fc1=linears["mlp"][0], linear_fc2=linears["mlp"][1]
                 ),
@@ -108,12 +124,12 @@ def encoder_block_spec(
     cfg: Config,
     first_layer: int,
     num_layers_this_stage: int,
-    routing: RoutingContext | None = None,
+    tracker: RoutingTracker | None = None,
 ) -> TransformerBlockSubmodules:
     """The layers of this pipeline stage; no final LayerNorm (the reference encoder has none)."""
     return TransformerBlockSubmodules(
         layer_specs=[
-            layer_spec(config, cfg, first_layer + i, routing)
+            layer_spec(config, cfg, first_layer + i, tracker)
             for i in range(num_layers_this_stage)
         ],
         layer_norm=None,

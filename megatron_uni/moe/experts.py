@@ -27,6 +27,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_uni.moe.grouped import expert_matmul
 from megatron_uni.parallel.autograd_collectives import all_gather_with_grad
 
 
@@ -82,6 +83,11 @@ class ExpertLinears(MegatronModule):
             self.bias.sequence_parallel = True
         self._layout = None
 
+    @property
+    def group_size(self) -> int:
+        """Ranks of the TP x EP group that the grouped path gathers expert shards from."""
+        return self.tp_ep_group.size() if dist.is_initialized() else 1
+
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> dict:
@@ -112,30 +118,29 @@ class ExpertLinears(MegatronModule):
         self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor
     ) -> torch.Tensor:
         """tokens [m, i] grouped by local expert -> gate-weighted outputs [m, o] (partial over
-        ETP)."""
-        outputs = []
+        ETP), one grouped GEMM over the local experts."""
         cols = slice(self.etp_rank * self.in_shard, (self.etp_rank + 1) * self.in_shard)
-        for e, chunk in enumerate(torch.split(tokens, tokens_per_expert.tolist())):
-            y = chunk[:, cols] @ self.weight[e].t()
-            if self.bias is not None and self.etp_rank == 0:
-                y = y + self.bias[e]
-            outputs.append(y)
-        out = torch.cat(outputs) if outputs else tokens.new_zeros(0, self.out_features)
+        out = expert_matmul(tokens[:, cols].contiguous(), tokens_per_expert, self.weight)
+        if self.bias is not None and self.etp_rank == 0:
+            expert_of = torch.repeat_interleave(
+                torch.arange(self.num_local, device=tokens.device),
+                tokens_per_expert.to(tokens.device), output_size=tokens.shape[0])
+            out = out + self.bias[expert_of]
         return out * probs.unsqueeze(-1).to(out.dtype)
 
     # ------------------------------------------------------------------ all experts, merged
     def _member_layout(self) -> list[tuple[int, int]]:
         """(ep rank, etp rank) of every member of the TP x EP group, in group order."""
         if self._layout is None:
-            mine = torch.tensor([[self.ep_rank, self.etp_rank]])
+            # on the weights' device: the group may be an NCCL one
+            mine = torch.tensor([[self.ep_rank, self.etp_rank]], device=self.weight.device)
             self._layout = [tuple(row) for row in
                             all_gather_with_grad(mine, self.tp_ep_group).tolist()]
         return self._layout
 
     def full_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """All experts, whole: weight [E, o, i], bias [E, o] (autograd through the gather)."""
-        group_size = self.tp_ep_group.size() if dist.is_initialized() else 1
-        if group_size == 1:
+        if self.group_size == 1:
             return self.weight, self.bias
         shards = all_gather_with_grad(self.weight.reshape(1, -1), self.tp_ep_group)
         etp = self.etp_group.size()
@@ -155,6 +160,21 @@ class ExpertLinears(MegatronModule):
             # ETP rank 0's copy is the one in use (see __init__).
             bias = torch.cat([per_member[(r, 0)] for r in range(ep)], dim=0)
         return weight, bias
+
+    def merged_weights(self, index: torch.Tensor, gates: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per condition, the gate-weighted sum of its k chosen experts: index / gates [A, k]
+        -> weight [A, o, i], bias [A, o]. Only the chosen experts enter the sum (and get
+        gradients)."""
+        weight, bias = self.full_weights()
+        gates = gates.to(weight.dtype)
+        merged = gates[:, 0, None, None] * weight[index[:, 0]]
+        merged_bias = None if bias is None else gates[:, :1] * bias[index[:, 0]]
+        for j in range(1, index.shape[1]):
+            merged = merged + gates[:, j, None, None] * weight[index[:, j]]
+            if bias is not None:
+                merged_bias = merged_bias + gates[:, j, None] * bias[index[:, j]]
+        return merged, merged_bias
 
 
 def expert_init_std(config: TransformerConfig, output_layer: bool) -> float:

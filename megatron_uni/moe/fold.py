@@ -8,8 +8,8 @@ condition takes the same experts with the same gates, and since each expert is a
 the noise-free gates of every MoE linear for a list of conditions, merges the gated experts into
 one ``[C, o, i]`` weight and ``[C, o]`` bias, and swaps each :class:`MoEColumnLinear` /
 :class:`MoERowLinear` for a :class:`FoldedLinear` that picks its condition's weight per token.
-Routers, expert tensors and unused experts leave the model; the model's ``RoutingContext`` (filled
-from the batch as before) tells each token's condition. A deploy copy for one condition is as
+Routers, expert tensors and unused experts leave the model; the routing conditions each forward
+passes down (built from the batch, as before) tell each token's condition. A deploy copy for one condition is as
 large as the dense model (``FoldReport.params_per_condition``); for k conditions it needs the
 shared parameters once and the folded linears k times (``FoldReport.deploy_params(k)``: the
 reference's 167M for MoE-B with the two image-text conditions).
@@ -32,8 +32,10 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_uni.batch import ATTRIBUTES, Modality
+from megatron_uni.moe.conditions import RoutingConditions
+from megatron_uni.moe.grouped import grouped_matmul
 from megatron_uni.moe.linear import MoEColumnLinear, MoERowLinear
-from megatron_uni.moe.routing import SEGMENT_CONSTANT, ConditionalRouter, RoutingContext
+from megatron_uni.moe.routers import SEGMENT_CONSTANT, TableRouter
 
 Condition = Any  # attribute: name or D bits; modality: Modality / int / name; task: int
 
@@ -50,77 +52,59 @@ def attribute_label(bits: Sequence[float]) -> str:
 
 
 class ConditionLookup:
-    """Maps the tokens of the current batch (from the ``RoutingContext``) to folded conditions.
+    """Maps the tokens of a micro-batch (its :class:`RoutingConditions`) to folded conditions.
+    Shared by every :class:`FoldedLinear` of a model; holds only the folded keys."""
 
-    Shared by every :class:`FoldedLinear` of a model; the per-token index is recomputed only
-    when the context holds a new batch.
-    """
-
-    def __init__(self, strategy: str, ctx: RoutingContext, keys: list, labels: list[str]) -> None:
-        self.strategy, self.ctx = strategy, ctx
+    def __init__(self, strategy: str, keys: list, labels: list[str]) -> None:
+        self.strategy = strategy
         self.keys, self.labels = keys, labels  # attribute: tuples of bits; else ints
-        self._source: tuple | None = None
-        self._index: torch.Tensor | None = None
 
-    def _current(self) -> tuple:
-        ctx = self.ctx
-        return (ctx.attribute_table, ctx.attribute_index, ctx.modality, ctx.seq_id, ctx.task_id)
-
-    def per_token(self) -> torch.Tensor:
+    def per_token(self, conditions: RoutingConditions) -> torch.Tensor:
         """[n] long: the folded condition of each of this rank's tokens (megatron order)."""
-        source = self._current()
-        if self._source is None or any(a is not b for a, b in zip(source, self._source)):
-            self._index = self._compute()
-            self._source = source  # holding the tensors keeps their identities unique
-        return self._index
-
-    def _compute(self) -> torch.Tensor:
-        ctx = self.ctx
-        if ctx.seq_id is None:
-            raise RuntimeError("the RoutingContext is empty: run the model on a batch (its "
-                               "forward fills the context) rather than a bare encoder")
-        valid = ctx.local(ctx.seq_id) >= 0
+        if conditions is None:
+            raise RuntimeError("a folded model needs the routing conditions: run the model on a "
+                               "batch rather than a bare encoder")
         if self.strategy == "attribute":
-            table = ctx.attribute_table.float()  # [A, D]
+            table = conditions.attribute_table.float()  # [A, D]
             known = torch.tensor(self.keys, dtype=table.dtype, device=table.device)  # [C, D]
             match = (table[:, None, :] == known[None]).all(-1)  # [A, C]
             of_row = torch.where(match.any(-1), match.float().argmax(-1), -1)
-            raw = ctx.local(ctx.attribute_index)
+            raw = conditions.attribute_index
             index = of_row[raw]
         else:
             if self.strategy == "modality":
-                raw = ctx.local(ctx.modality)
+                raw = conditions.modality
                 size = len(Modality)
             else:
-                raw = torch.full_like(ctx.local(ctx.modality), ctx.task_id)
-                size = max(ctx.task_id + 1, max(self.keys) + 1)
+                raw = torch.full_like(conditions.modality, conditions.task_id)
+                size = max(conditions.task_id + 1, max(self.keys) + 1)
             of_value = torch.full((size,), -1, dtype=torch.long, device=raw.device)
             of_value[torch.tensor(self.keys, device=raw.device)] = torch.arange(
                 len(self.keys), device=raw.device)
             index = of_value[raw]
-        missing = (index < 0) & valid
-        if bool(missing.any()):
+        missing = (index < 0) & conditions.valid
+        if bool(missing.any()):  # deployment check: one host sync per linear call
             value = raw[int(missing.nonzero()[0, 0])]
             raise UnfoldedConditionError(
-                f"{self.strategy} condition {self._label(value)} is not among the folded "
-                f"conditions ({', '.join(self.labels)}); fold the MoE model again with it in "
-                f"`conditions`"
+                f"{self.strategy} condition {self._label(conditions, value)} is not among the "
+                f"folded conditions ({', '.join(self.labels)}); fold the MoE model again with it "
+                f"in `conditions`"
             )
         return index.clamp(min=0)  # padding tokens with an unfolded condition: never read
 
-    def _label(self, value: torch.Tensor) -> str:
+    def _label(self, conditions: RoutingConditions, value: torch.Tensor) -> str:
         """A readable name of one token's raw condition (attribute row, modality, task)."""
         if self.strategy == "attribute":
-            return attribute_label(self.ctx.attribute_table[int(value)].tolist())
+            return attribute_label(conditions.attribute_table[int(value)].tolist())
         if self.strategy == "modality":
             return Modality(int(value)).name.lower()
         return f"task {int(value)}"
 
 
 class FoldedLinear(MegatronModule):
-    """A folded expert linear: ``[s, b, i] -> ([s, b, o], None)``, the interface of the MoE
-    linear it replaces (TP = 1, so column and row layouts coincide). ``weight`` [C, o, i],
-    ``bias`` [C, o] or None; each token uses its condition's row."""
+    """A folded expert linear: ``[s, b, i] -> ([s, b, o], None, decision)``, the interface of
+    the MoE linear it replaces (TP = 1, so column and row layouts coincide). ``weight``
+    [C, o, i], ``bias`` [C, o] or None; each token uses its condition's row."""
 
     def __init__(self, config: Any, weight: torch.Tensor, bias: torch.Tensor | None,
                  lookup: ConditionLookup, name: str) -> None:
@@ -130,23 +114,15 @@ class FoldedLinear(MegatronModule):
         self.lookup = lookup  # not a module: shared, holds no parameters
         self.name = name
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    def forward(self, x: torch.Tensor, conditions: RoutingConditions, decision: Any = None
+                ) -> tuple[torch.Tensor, None, Any]:
         tokens = x.reshape(-1, x.shape[-1])  # [n, i]
-        cond = self.lookup.per_token()
+        cond = self.lookup.per_token(conditions)
         if cond.shape[0] != tokens.shape[0]:
-            raise RuntimeError(f"{self.name}: {tokens.shape[0]} tokens but the routing context "
-                               f"describes {cond.shape[0]}")
-        present = torch.unique(cond).tolist()
-        if len(present) == 1:
-            c = present[0]
-            out = F.linear(tokens, self.weight[c], None if self.bias is None else self.bias[c])
-        else:
-            out = tokens.new_empty(tokens.shape[0], self.weight.shape[1])
-            for c in present:
-                where = cond == c
-                out[where] = F.linear(tokens[where], self.weight[c],
-                                      None if self.bias is None else self.bias[c])
-        return out.view(*x.shape[:-1], -1), None
+            raise RuntimeError(f"{self.name}: {tokens.shape[0]} tokens but the routing "
+                               f"conditions describe {cond.shape[0]}")
+        out = grouped_matmul(tokens, cond, self.weight, self.bias)
+        return out.view(*x.shape[:-1], -1), None, decision
 
 
 @dataclass
@@ -282,7 +258,13 @@ def fold_model(model: torch.nn.Module, conditions: Sequence[Condition] | None = 
            if isinstance(m, (MoEColumnLinear, MoERowLinear))]
     if not moe:
         raise ValueError("the model has no expert linears to fold (dense model, or folded already)")
-    owners = {id(m.slot): m.router for _, m in moe if m.router is not None}
+    # A pair's second linear (out / fc2) follows the router of the first one before it.
+    owners: dict[str, TableRouter] = {}
+    router_of: dict[str, Any] = {}
+    for name, m in moe:
+        if m.router is not None:
+            owners[m.name] = m.router
+        router_of[name] = m.name
     strategies = {r.strategy for r in owners.values()}
     if len(strategies) != 1 or not strategies <= set(SEGMENT_CONSTANT):
         raise ValueError(f"folding needs segment-constant routing ({', '.join(SEGMENT_CONSTANT)}): "
@@ -291,25 +273,24 @@ def fold_model(model: torch.nn.Module, conditions: Sequence[Condition] | None = 
     for name, linear in moe:
         _check_layout(name, linear)
     (strategy,) = strategies
-    first: ConditionalRouter = next(iter(owners.values()))
-    ctx = first.ctx
+    first: TableRouter = next(iter(owners.values()))
     width = first.embed.in_features
-    keys, labels, table = _resolve_conditions(strategy, conditions, width, ctx.num_tasks)
-    lookup = ConditionLookup(strategy, ctx, keys, labels)
+    keys, labels, table = _resolve_conditions(strategy, conditions, width, first.num_tasks)
+    lookup = ConditionLookup(strategy, keys, labels)
     report = FoldReport(strategy, labels, moe_params=sum(p.numel() for p in model.parameters()))
 
     with torch.no_grad():
-        gates: dict[int, torch.Tensor] = {}  # per slot: [C, E] noise-free sparse gates
+        gates: dict[str, torch.Tensor] = {}  # per decision: [C, E] noise-free gates
         for slot, router in owners.items():
             feats = table.to(router.gate.weight.device)
             gates[slot] = router.clean_gates(feats)
         for name, linear in moe:
-            probs = gates[id(linear.slot)]
+            probs = gates[router_of[name]]
             weight, bias = linear.experts.full_weights()  # [E, o, i], [E, o]
             # Fold in fp32 whatever the training precision, then store in the weights' dtype.
             merged = torch.einsum("ce,eoi->coi", probs, weight.float()).to(weight.dtype)
             merged_bias = None if bias is None else (probs @ bias.float()).to(bias.dtype)
-            router = owners[id(linear.slot)]
+            router = owners[router_of[name]]
             chosen = probs > 0
             top = probs.topk(router.topk, dim=-1)
             report.linears.append(LinearFold(

@@ -7,42 +7,43 @@ E experts, n = s * b tokens on this rank.
 sequence-parallel input ``[s, b, i]`` and returns megatron's column layout ``[S, b, o/TP]``.
 ``MoERowLinear`` stands where ``RowParallelLinear`` stands (attention out, fc2): it takes
 ``[S, b, i/TP]`` and returns ``[s, b, o]``. Inside, both work on this rank's tokens with whole
-features, ``[n, i] -> [n, o]``, so megatron's SelfAttention and MLP run unchanged around them
-(Variation lives in specs: a dense and an MoE layer differ only in which linear fills a slot).
+features, ``[n, i] -> [n, o]``, so the attention and MLP around them are those of a dense layer
+(variation lives in specs: a dense and an MoE layer differ only in which linear fills a slot).
 
-The first linear of a pair (qkv / fc1) owns the router and leaves its decision in a shared
-:class:`DecisionSlot`; the second (out / fc2) reuses it, as in the reference. Two execution paths
-give the same numbers:
+The first linear of a pair (qkv / fc1) owns the router and returns its decision beside its
+output; the attention / MLP hands that decision to the second (out / fc2), as in the reference.
+Every linear of our encoder takes ``(x, conditions, decision)`` and returns ``(out, bias,
+decision)`` (``models/encoder.py``; the dense linears pass the decision through). Two execution
+paths give the same numbers:
 - ``dispatch``: megatron's all-gather token dispatcher sends token copies to the ranks of their
-  experts, which apply them; the combine sums the gate-weighted outputs (any router);
-- ``grouped``: for segment-constant routers, every distinct condition's experts are merged into
-  one weight (sum of gate x W_e) and applied to that condition's tokens; the expert weights are
-  all-gathered over TP x EP instead of the tokens.
+  experts, which apply them with one grouped GEMM; the combine sums the gate-weighted outputs
+  (any router);
+- ``grouped``: for routers whose decision is constant per condition, each distinct condition's
+  k chosen experts are merged into one weight (sum of gate x W_e over the k chosen only, never
+  all E; gradients reach those k only) and applied to that condition's tokens in one grouped
+  GEMM after one permutation (``grouped_matmul``); no host synchronisation. Under EP / expert-TP
+  the expert shards of the TP x EP group are all-gathered for the merge.
+``auto`` picks per call whichever :func:`choose_execution` estimates cheaper (FLOPs and bytes
+moved for the micro-batch's shape and the layout).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.moe.moe_utils import unpermute
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, unpermute
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_uni.config import MoEConfig
+from megatron_uni.moe.conditions import RoutingConditions
 from megatron_uni.moe.experts import ExpertLinears, expert_init_std
-from megatron_uni.moe.routing import SEGMENT_CONSTANT, ConditionalRouter, Decision, RoutingContext
-
-
-@dataclass
-class DecisionSlot:
-    """Hands the owner's routing decision to the linear that reuses it (out from qkv, fc2 from
-    fc1) within one forward."""
-
-    decision: Optional[Decision] = None
+from megatron_uni.moe.grouped import grouped_matmul
+from megatron_uni.moe.routers import SEGMENT_CONSTANT, Decision
 
 
 class _LinearDispatcher(MoEAllGatherTokenDispatcher):
@@ -64,10 +65,45 @@ class _LinearDispatcher(MoEAllGatherTokenDispatcher):
 
 
 def resolve_execution(moe: MoEConfig) -> str:
-    """``auto``: grouped for segment-constant routers (no token traffic), dispatch otherwise."""
+    """The configured path: ``dispatch`` or ``grouped``; ``auto`` stays ``auto`` for routers whose
+    decision is constant per condition (chosen per call by :func:`choose_execution`) and is
+    ``dispatch`` for the others (the grouped path needs per-condition decisions)."""
     if moe.execution == "auto":
-        return "grouped" if moe.router in SEGMENT_CONSTANT else "dispatch"
+        return "auto" if moe.router in SEGMENT_CONSTANT else "dispatch"
     return moe.execution
+
+
+# Default FLOPs one byte of collective traffic costs, per device type: an H200's bf16 matmuls
+# run ~790 TFLOP/s against ~400 GB/s of NVLink all-gather bandwidth per GPU (~2000 FLOP/byte;
+# inter-node links are slower still); gloo over loopback on this project's CPUs moves ~1-3 GB/s
+# against ~30-60 GFLOP/s of fp32 matmul per core: 10-60 FLOP/byte, more when ranks share cores.
+FLOPS_PER_BYTE = {"cuda": 2000.0, "cpu": 100.0}
+
+
+def choose_execution(*, tokens: int, conditions: int, topk: int, in_features: int,
+                     out_features: int, local_experts: int, group_size: int, etp: int,
+                     element_bytes: int, flops_per_byte: float) -> str:
+    """``grouped`` or ``dispatch`` for one expert linear and micro-batch, by estimated cost.
+
+    Cost = FLOPs + flops_per_byte x bytes this rank moves, forward plus backward:
+    - grouped: one dense product of the n tokens, 2 n i o (x3 with the backward), plus the
+      k-term merge of the A conditions, 2 A k o i (x2); all-gather of every expert shard of the
+      TP x EP group of size G and the reduce-scatter of their gradients,
+      2 (G - 1) E_local o (i / ETP) elements;
+    - dispatch: each token copy through its expert, 2 k n i o (x3); all-gather of the group's
+      tokens and reduce-scatter of the outputs, then the same for the gradients,
+      2 (G - 1) n (i + o) elements.
+    With G = 1 nothing moves and the FLOPs decide (grouped unless the merge outweighs the
+    k-fold product, i.e. very few tokens per condition).
+    """
+    n, a, k, i, o, g = tokens, conditions, topk, in_features, out_features, group_size
+    grouped_flops = 3 * 2 * n * i * o + 2 * 2 * a * k * o * i
+    dispatch_flops = 3 * 2 * k * n * i * o
+    grouped_bytes = 2 * (g - 1) * local_experts * o * (i // etp) * element_bytes
+    dispatch_bytes = 2 * (g - 1) * n * (i + o) * element_bytes
+    grouped = grouped_flops + flops_per_byte * grouped_bytes
+    dispatch = dispatch_flops + flops_per_byte * dispatch_bytes
+    return "grouped" if grouped <= dispatch else "dispatch"
 
 
 class _MoELinear(MegatronModule):
@@ -83,9 +119,7 @@ class _MoELinear(MegatronModule):
         config: TransformerConfig,
         bias: bool,
         moe: MoEConfig,
-        routing: RoutingContext,
-        slot: DecisionSlot,
-        owns_router: bool,
+        router: Optional[ModuleSpec],
         name: str,
         pg_collection: Any = None,
         **megatron_kwargs: Any,  # init_method, gather_output, skip_bias_add, ...: not used
@@ -96,8 +130,9 @@ class _MoELinear(MegatronModule):
         pgs = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
         self.tp_group = pgs.tp
         self.tp = pgs.tp.size()
-        self.slot = slot
+        self.name = name
         self.execution = resolve_execution(moe)
+        self.flops_per_byte = moe.auto_flops_per_byte
         if self.execution == "grouped" and moe.router not in SEGMENT_CONSTANT:
             raise ValueError(f"moe.execution=grouped needs a segment-constant router "
                              f"({', '.join(SEGMENT_CONSTANT)}), not {moe.router!r}")
@@ -108,33 +143,43 @@ class _MoELinear(MegatronModule):
             config, moe.num_experts, input_size, output_size, bias,
             expert_init_std(config, self.output_layer), pgs,
         )
-        self.router = (
-            ConditionalRouter(config, moe, config.hidden_size, routing, name) if owns_router else None
-        )
+        # The pair's first linear owns the router (its parameters live here: checkpoint names
+        # ``linear_qkv.router.*``); the second gets the decision as an argument.
+        self.router = None if router is None else build_module(router, config=config)
         self.dispatcher = _LinearDispatcher(
             self.experts.num_local, self.experts.local_indices, config, pg_collection=pgs
         )
 
-    def _route(self, tokens: torch.Tensor) -> Decision:
+    def _experts_forward(self, x: torch.Tensor, conditions: RoutingConditions,
+                         decision: Optional[Decision]) -> tuple[torch.Tensor, Decision]:
+        """[s, b, i] this rank's tokens with whole features -> ([s, b, o], the decision)."""
         if self.router is not None:
-            decision, logits = self.router(tokens.view(-1, tokens.shape[-1]))
-            self.slot.decision = decision
-            self._pending_losses = logits
-        elif self.slot.decision is None:
-            raise RuntimeError("the paired expert linear has not routed yet in this forward")
-        return self.slot.decision
-
-    def _experts_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[s, b, i] this rank's tokens with whole features -> [s, b, o]."""
-        decision = self._route(x)
-        if self.execution == "dispatch":
+            decision = self.router(x.reshape(-1, x.shape[-1]), conditions)
+        elif decision is None:
+            raise RuntimeError(f"{self.name}: the paired expert linear passed no routing "
+                               f"decision")
+        if self._path(x, decision) == "dispatch":
             out = self._dispatch(x, decision)
         else:
-            out = self._grouped(x.view(-1, x.shape[-1]), decision).view(*x.shape[:-1], -1)
-        if self.router is not None:
-            out = self.router.attach_losses(out, decision, self._pending_losses)
-            self._pending_losses = None
-        return out
+            out = self._grouped(x.reshape(-1, x.shape[-1]), decision).view(*x.shape[:-1], -1)
+        if self.router is not None and decision.aux_loss is not None:
+            out = MoEAuxLossAutoScaler.apply(out, decision.aux_loss)
+        return out, decision
+
+    def _path(self, x: torch.Tensor, decision: Decision) -> str:
+        """This call's path: the configured one, or the cheaper by :func:`choose_execution`
+        (host arithmetic on shapes only)."""
+        if self.execution != "auto":
+            return self.execution
+        experts = self.experts
+        return choose_execution(
+            tokens=x.numel() // x.shape[-1], conditions=int(decision.table_index.shape[0]),
+            topk=int(decision.table_index.shape[1]), in_features=experts.in_features,
+            out_features=experts.out_features, local_experts=experts.num_local,
+            group_size=experts.group_size, etp=experts.etp_group.size(),
+            element_bytes=experts.weight.element_size(),
+            flops_per_byte=self.flops_per_byte or FLOPS_PER_BYTE.get(x.device.type, 100.0),
+        )
 
     def _dispatch(self, x: torch.Tensor, decision: Decision) -> torch.Tensor:
         d = self.dispatcher
@@ -145,41 +190,42 @@ class _MoELinear(MegatronModule):
         return d.combine_postprocess(d.token_combine(d.combine_preprocess(out)))
 
     def _grouped(self, tokens: torch.Tensor, decision: Decision) -> torch.Tensor:
-        weight, bias = self.experts.full_weights()  # [E, o, i], [E, o]
-        table = decision.table_probs.to(weight.dtype)  # [A, E]
-        merged = torch.einsum("ae,eoi->aoi", table, weight)
-        out = tokens.new_empty(tokens.shape[0], weight.shape[1])
-        for row in torch.unique(decision.rows).tolist():
-            where = decision.rows == row
-            y = tokens[where] @ merged[row].t()
-            if bias is not None:
-                y = y + table[row] @ bias
-            out[where] = y
-        return out
+        """tokens [n, i] -> [n, o]: per condition a k-term merge of its chosen experts."""
+        if decision.table_index is None:
+            raise ValueError(f"{self.name}: the grouped path needs a decision that is constant "
+                             f"per condition (modality, task or attribute routing)")
+        merged, merged_bias = self.experts.merged_weights(decision.table_index,
+                                                          decision.table_gates)
+        return grouped_matmul(tokens, decision.rows, merged, merged_bias)
 
 
 class MoEColumnLinear(_MoELinear):
-    """In the slot of ``ColumnParallelLinear``: ``[s, b, i] -> ([S, b, o/TP], None)``."""
+    """In the slot of ``ColumnParallelLinear``: ``[s, b, i] -> ([S, b, o/TP], None, decision)``."""
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        out = self._experts_forward(x)  # [s, b, o]
+    def forward(self, x: torch.Tensor, conditions: RoutingConditions,
+                decision: Optional[Decision] = None
+                ) -> tuple[torch.Tensor, None, Decision]:
+        out, decision = self._experts_forward(x, conditions, decision)  # [s, b, o]
         if self.tp > 1:
             # Whole sequence, this rank's block of output features (megatron's column layout).
             out = tensor_parallel.gather_from_sequence_parallel_region(out, group=self.tp_group)
             block = out.shape[-1] // self.tp
             rank = self.tp_group.rank()
             out = out[..., rank * block : (rank + 1) * block]
-        return out, None
+        return out, None, decision
 
 
 class MoERowLinear(_MoELinear):
-    """In the slot of ``RowParallelLinear``: ``[S, b, i/TP] -> ([s, b, o], None)``."""
+    """In the slot of ``RowParallelLinear``: ``[S, b, i/TP] -> ([s, b, o], None, decision)``."""
 
     output_layer = True
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    def forward(self, x: torch.Tensor, conditions: RoutingConditions,
+                decision: Optional[Decision] = None
+                ) -> tuple[torch.Tensor, None, Decision]:
         if self.tp > 1:
             # Whole features, this rank's sequence shard: the layout the experts work in.
             x = tensor_parallel.gather_from_tensor_model_parallel_region(x, group=self.tp_group)
             x = tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.tp_group)
-        return self._experts_forward(x), None
+        out, decision = self._experts_forward(x, conditions, decision)
+        return out, None, decision

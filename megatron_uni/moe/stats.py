@@ -1,8 +1,8 @@
 """Routing statistics: per MoE layer and condition, the share of tokens sent to each expert.
 
-The routers count, while ``RoutingContext.collect_stats`` is on, the (non-padding) tokens each
-expert receives, per routing decision (``layer0.attn``, ``layer0.mlp``, ...) and attribute
-vector: ``ctx.stats[(layer, "10011000")] = [E] counts``. Every token counts once for each of
+The routers count, while their ``RoutingTracker`` collects statistics, the (non-padding) tokens
+each expert receives, per routing decision (``layer0.attn``, ``layer0.mlp``, ...) and attribute
+vector: ``tracker.stats()[(layer, "10011000")] = [E] counts``. Every token counts once for each of
 its top-k experts, so the counts of one condition sum to k x its tokens.
 
 Share convention: ``share[e]`` = the fraction of the condition's tokens that expert e
@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 
 from megatron_uni.batch import ATTRIBUTES
-from megatron_uni.moe.routing import ConditionalRouter
+from megatron_uni.moe.routers import Router
 
 _ORDER = ["".join(map(str, vec)) for vec in ATTRIBUTES.values()]
 _NAMES = {"".join(map(str, vec)): name for name, vec in ATTRIBUTES.items()}
@@ -40,7 +40,7 @@ def _condition_order(key: str) -> tuple:
 
 
 def stats_to_json(ctx_stats: dict[tuple[str, str], torch.Tensor], topk: int) -> dict[str, Any]:
-    """``RoutingContext.stats`` -> the JSON-ready dict of the module docstring (layers in model
+    """``RoutingTracker.stats()`` -> the JSON-ready dict of the module docstring (layers in model
     order, conditions in the reference table's order). ``topk``: experts per token."""
     if topk < 1:
         raise ValueError(f"topk must be >= 1, not {topk}")
@@ -62,20 +62,17 @@ def stats_to_json(ctx_stats: dict[tuple[str, str], torch.Tensor], topk: int) -> 
 def collect_routing_stats(model: torch.nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
     """Run ``model`` (one UniPerceiver stage that embeds its input: PP = 1 or the first stage)
     on ``batches`` in eval mode without gradients and return their routing statistics as
-    :func:`stats_to_json` gives them. The model's training mode and the context's statistics
-    switch and counts are restored afterwards. A model without routers gives empty layers."""
-    routers = [m for m in model.modules() if isinstance(m, ConditionalRouter)]
+    :func:`stats_to_json` gives them. The model's training mode and its tracker's state are
+    restored afterwards. A model without routers gives empty layers."""
+    routers = [m for m in model.modules() if isinstance(m, Router)]
     if not routers:
         return {"topk": 0, "num_experts": 0, "layers": {}}
-    ctx = routers[0].ctx
-    saved, was_training = (ctx.collect_stats, ctx.stats), model.training
-    ctx.collect_stats, ctx.stats = True, {}
+    tracker, was_training = routers[0].tracker, model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with tracker.collecting(), torch.no_grad():
             for batch in batches:
                 model(batch)
-        return stats_to_json(ctx.stats, routers[0].topk)
+            return stats_to_json(tracker.stats(), routers[0].topk)
     finally:
-        ctx.collect_stats, ctx.stats = saved
         model.train(was_training)

@@ -153,22 +153,21 @@ class Trainer:
         routing statistics under "routing" when ``collect_routing``)."""
         start = time.time()
         task, batches = self.loader.next_step()
+        # counted on the host copies: on a GPU the moved ones would cost a sync each
+        tokens = sum(int((b.seq_id >= 0).sum()) for b in batches) * self.runtime.dp
         if not self.runtime.use_cpu:
             batches = [b.to(torch.cuda.current_device()) for b in batches]
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        routing = unwrap(self.chunks[0]).routing
-        routing.losses.clear()
-        routing.collect_stats, routing.stats = collect_routing, {}
+        tracker = unwrap(self.chunks[0]).routing_tracker
+        tracker.reset(collect_stats=collect_routing)
         out = forward_backward(self.chunks, batches)
-        routing.collect_stats = False
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics = reduce_step_metrics(out, self.reporter)
-        router = gather_router_losses(routing.losses)
+        router = gather_router_losses(tracker.losses())
         elapsed = time.time() - start
-        tokens = sum(int((b.seq_id >= 0).sum()) for b in batches) * self.runtime.dp
         seq_len = batches[0].seq_len
         record: dict[str, Any] = {
             "step": self.step,
@@ -187,7 +186,8 @@ class Trainer:
             layer, kind = name.rsplit(".", 1)
             record[f"{kind}/{layer}"] = value
         if collect_routing and self.cfg.moe.enabled:
-            record["routing"] = stats_to_json(gather_routing_stats(routing.stats), self.cfg.moe.topk)
+            record["routing"] = stats_to_json(gather_routing_stats(tracker.stats()),
+                                              self.cfg.moe.topk)
         return record
 
     def train(self) -> int:

@@ -71,8 +71,8 @@ def test_resume_is_exact(demo_root: Path, tmp_path: Path, precision: str) -> Non
 
 
 def test_recompute_changes_nothing_but_memory(demo_root: Path, tmp_path: Path) -> None:
-    """Full activation recompute re-runs each layer's forward in the backward, routers and the
-    routing side channel included: losses and gradient norms stay those of a plain run."""
+    """Full activation recompute re-runs each layer's forward in the backward, routers and their
+    conditions included: losses and gradient norms stay those of a plain run."""
     runs = {}
     for recompute in ("false", "true"):
         run = tmp_path / recompute

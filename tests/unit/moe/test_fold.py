@@ -67,7 +67,7 @@ def _checks(rank: int, world: int) -> dict:
     from megatron_uni.batch import ATTRIBUTES
     from megatron_uni.moe.experts import ExpertLinears
     from megatron_uni.moe.fold import FoldedLinear, UnfoldedConditionError, fold_model
-    from megatron_uni.moe.routing import ConditionalRouter
+    from megatron_uni.moe.routers import Router
     from tests.unit.models.test_generalist import _task_batch
 
     res: dict = {}
@@ -85,7 +85,7 @@ def _checks(rank: int, world: int) -> dict:
     res["attr_report"] = report
     res["attr_text"] = report.format()
     res["attr_leftover"] = [n for n, m in model.named_modules()
-                            if isinstance(m, (ConditionalRouter, ExpertLinears))]
+                            if isinstance(m, (Router, ExpertLinears))]
     res["attr_folded"] = {n: tuple(m.weight.shape) for n, m in model.named_modules()
                           if isinstance(m, FoldedLinear)}
     # a batch whose attribute table holds a vector nobody folded

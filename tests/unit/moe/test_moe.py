@@ -24,11 +24,15 @@ def _model(overrides: list[str], seed: int = 0):
     return build_model(cfg, use_cpu=True)
 
 
-def _decisions(model) -> list[torch.Tensor]:
-    from megatron_uni.moe.linear import _MoELinear
+def _record_decisions(model) -> list[torch.Tensor]:
+    """A list that every router's forward appends its routing map to (forward hooks)."""
+    from megatron_uni.moe.routers import Router
 
-    return [m.slot.decision.routing_map.clone() for m in model.modules()
-            if isinstance(m, _MoELinear) and m.router is not None]
+    seen: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.register_forward_hook(lambda mod, args, out: seen.append(out.routing_map.clone()))
+    return seen
 
 
 def _train(rank: int, world: int, router: str, topk: int, execution: str) -> list[float]:
@@ -94,16 +98,17 @@ def _content_blind(rank: int, world: int) -> dict:
     a, b = _task_batch("captioning", seed=0), _task_batch("captioning", seed=0)
     b = replace(b, images=torch.randn_like(b.images) * 3,
                 text_ids=torch.where(b.modality == 0, (b.text_ids + 7) % 49408, b.text_ids))
+    seen = _record_decisions(model)
     with torch.no_grad():
         out_a = model(a)
-        dec_a = _decisions(model)
+        dec_a, seen[:] = list(seen), []
         out_b = model(b)
-        dec_b = _decisions(model)
+        dec_b, seen[:] = list(seen), []
         # An attribute vector never seen in training routes without error.
         novel = a.attributes.clone()
         novel[0] = torch.tensor([0.0, 0, 1, 0, 1, 1, 1, 1])
         model(replace(a, attributes=novel))
-        dec_novel = _decisions(model)
+        dec_novel = list(seen)
     return {
         "inputs_differ": not torch.allclose(out_a, out_b),
         "same_routes": all(torch.equal(x, y) for x, y in zip(dec_a, dec_b)),
@@ -125,7 +130,7 @@ def _aux(rank: int, world: int, aux: float, z: float) -> dict:
     router_grads = torch.cat([p.grad.reshape(-1) for n, p in model.named_parameters()
                               if "router" in n and p.grad is not None])
     return {"loss": float(loss_sum / count), "router_grads": router_grads,
-            "logged": dict(model.routing.losses)}
+            "logged": model.routing_tracker.losses()}
 
 
 def test_aux_and_z_losses_cost_nothing_off_and_act_when_on() -> None:
@@ -156,7 +161,32 @@ def test_execution_choice() -> None:
     auto = {r: resolve_execution(apply_overrides(Config(), ["moe.num_experts=4",
                                                             f"moe.router={r}"]).moe)
             for r in ("token", "context", "modality", "task", "attribute")}
-    assert auto == {"token": "dispatch", "context": "dispatch", "modality": "grouped",
-                    "task": "grouped", "attribute": "grouped"}
+    # auto: chosen per call by the cost model for per-condition decisions; dispatch otherwise
+    assert auto == {"token": "dispatch", "context": "dispatch", "modality": "auto",
+                    "task": "auto", "attribute": "auto"}
     (msg,) = run_ranks(_grouped_token, 1, timeout=60)
     assert "segment-constant router" in msg
+
+
+def test_auto_cost_model() -> None:
+    """choose_execution on the shapes the benchmark measures (tools.bench_step)."""
+    from megatron_uni.moe.linear import choose_execution
+
+    def pick(tokens, experts_local, group, cond=3, i=256, o=1024, fpb=20.0, etp=1):
+        return choose_execution(tokens=tokens, conditions=cond, topk=2, in_features=i,
+                                out_features=o, local_experts=experts_local, group_size=group,
+                                etp=etp, element_bytes=4, flops_per_byte=fpb)
+
+    # one rank: nothing moves; the merged product is k times cheaper than dispatching
+    assert pick(1620, 32, 1) == "grouped"
+    # ... unless there are fewer tokens than conditions x k (the merge dominates)
+    assert pick(2, 32, 1, cond=6) == "dispatch"
+    # EP=4, E=32, hidden 512, 1620 tokens: gathering 24 expert shards of 512 x 2048 costs far
+    # more than moving the tokens
+    assert pick(1620, 8, 4, i=512, o=2048, fpb=100.0) == "dispatch"
+    # EP=2 with 2 experts of a small linear and many tokens: the weights are the cheaper bytes
+    assert pick(65536, 1, 2, i=256, o=256) == "grouped"
+    # 64 local experts: grouped has half the FLOPs but moves twice the bytes; a cheap network
+    # lets the FLOPs decide, a costly one (more FLOPs per byte) the bytes
+    assert pick(4096, 64, 2, i=256, o=256, fpb=1.0) == "grouped"
+    assert pick(4096, 64, 2, i=256, o=256, fpb=2000.0) == "dispatch"

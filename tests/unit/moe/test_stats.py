@@ -34,9 +34,9 @@ def _collect(rank: int, world: int) -> dict:
         keys = ["".join(str(int(v)) for v in row) for row in b.attributes]
         for row, key in enumerate(keys):
             tokens[key] = tokens.get(key, 0) + int(((b.attribute == row) & (b.seq_id >= 0)).sum())
-    ctx = model.routing
+    tracker = model.routing_tracker
     return {"stats": stats, "tokens": tokens, "training": model.training,
-            "collect_after": ctx.collect_stats, "stats_after": len(ctx.stats)}
+            "collect_after": tracker.collect_stats, "stats_after": len(tracker.stats())}
 
 
 @pytest.fixture(scope="module")
