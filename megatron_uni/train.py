@@ -3,7 +3,8 @@
 Runs the same single-process, under torchrun, srun or mpirun (the launcher's environment decides
 rank and world size). Writes ``<train.run_dir>/`` (config.yaml, git_revision.txt, command.txt,
 metrics.jsonl, tensorboard/, checkpoints/). Resumes from ``checkpoint.load`` or the run dir's
-latest checkpoint. Bad configuration and checkpoint problems end with one clear line, exit 2.
+latest checkpoint. Bad configuration, checkpoint problems and bad data end with one clear line,
+exit 2.
 """
 
 from __future__ import annotations
