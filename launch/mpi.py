@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from launch import ENTRY, run_or_print
+from launch import validate as v
 
 
 def find_mpiexec(name: str = "mpiexec") -> str:
@@ -60,6 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    from megatron_uni.config import ConfigError  # noqa: PLC0415
+    from megatron_uni.train import report_error  # noqa: PLC0415
+
+    try:
+        v.positive("-n", args.nproc)
+        v.load_run_config(args.config, args.overrides, args.nproc, f"-n {args.nproc}")
+        if args.hostfile and not Path(args.hostfile).is_file():
+            raise v.LaunchError(f"--hostfile {args.hostfile}: no such file")
+    except (ConfigError, v.LaunchError) as err:
+        return report_error(err)
     cmd = command(args.nproc, args.config, args.overrides, mpiexec=args.mpiexec,
                   hostfile=args.hostfile, entry=args.entry, extra=args.mpi_arg)
     return run_or_print(cmd, args.dry_run)

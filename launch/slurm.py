@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from launch import ENTRY, git_revision, read_env_file
+from launch import ENTRY, git_revision
+from launch import validate as v
 
 TEMPLATE = Path(__file__).parent / "templates" / "sbatch.sh.tmpl"
 
@@ -96,6 +97,18 @@ class SlurmJob:
             return "# (no topology probe)"
         return shlex.join(["srun", self.python, "-m", "launch.slurm", "--probe"])
 
+    def exit_check(self) -> str:
+        """torchrun exits 1 after a stop signal even when its workers saved and exited 0: the
+        workers' marker (``megatron_uni.training.exit_status``) turns that into 0. srun reports
+        the tasks' own codes, which need no such help."""
+        if self.launcher != "torchrun":
+            return "# (srun reports the tasks' own exit codes)"
+        check = shlex.join([self.python, "-m", "megatron_uni.training.exit_status",
+                            str(self.run_dir)])
+        return (f'if [ "$rc" != 0 ] && {check} --since "$step_started"; then\n'
+                f'    echo "torchrun exited $rc after the workers saved on a stop signal: 0"\n'
+                f'    rc=0\nfi')
+
     def resource_lines(self) -> str:
         lines = []
         if self.gpus_per_node:
@@ -123,6 +136,7 @@ class SlurmJob:
             "base_port": str(self.base_port),
             "probe_command": self.probe_command(),
             "launch_command": self.launch_command(),
+            "exit_check": self.exit_check(),
         }
         text = TEMPLATE.read_text()
         for key, value in values.items():
@@ -147,10 +161,15 @@ def record(job: SlurmJob, script: str) -> Path:
 
 def submit(script_path: Path) -> str:
     """``sbatch --parsable``; returns the job id."""
-    out = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True,
-                         text=True, check=False)
+    try:
+        out = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True,
+                             text=True, check=False)
+    except OSError as err:
+        raise v.LaunchError(f"sbatch could not be started ({err}); run on a Slurm login node, "
+                            "or use --dry-run to see the script") from None
     if out.returncode != 0:
-        raise RuntimeError(f"sbatch failed ({out.returncode}): {out.stderr.strip()}")
+        raise v.LaunchError(f"sbatch failed ({out.returncode}): {out.stderr.strip()}; the "
+                            f"script is kept in {script_path}")
     return out.stdout.strip().split(";")[0]
 
 
@@ -158,13 +177,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--gpus-per-node", type=int, default=None)
     p.add_argument("--tasks-per-node", type=int, default=None,
                    help="processes per node (CPU clusters; default: one per GPU)")
     p.add_argument("--cpus-per-task", type=int, default=None)
     p.add_argument("--partition")
     p.add_argument("--account")
-    p.add_argument("--time", help="time limit, e.g. 24:00:00")
+    p.add_argument("--time", help="time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS")
     p.add_argument("--container-image", help="pyxis/enroot image for srun")
     p.add_argument("--env-file", type=Path, help="KEY=VALUE lines exported in the job")
     p.add_argument("--job-name", default="megatron-uni")
@@ -183,23 +202,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def job_from_args(args: argparse.Namespace) -> SlurmJob:
-    from megatron_uni.config import load_config  # noqa: PLC0415
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse options sbatch would refuse, or that give a job that cannot run (LaunchError)."""
+    v.positive("--nodes", args.nodes)
+    v.positive("--gpus-per-node", args.gpus_per_node,
+               "give the GPUs per node, or --tasks-per-node N on CPU nodes")
+    v.positive("--tasks-per-node", args.tasks_per_node)
+    v.positive("--cpus-per-task", args.cpus_per_task)
+    v.positive("--signal-seconds", args.signal_seconds,
+               "give the seconds before the time limit at which the job checkpoints (e.g. 300)")
+    v.exclusive("--gpus-per-node", args.gpus_per_node is not None,
+                "--tasks-per-node", args.tasks_per_node is not None,
+                "give --gpus-per-node N on GPU nodes (one task per GPU) or --tasks-per-node N "
+                "on CPU nodes, not both")
+    if args.gpus_per_node is None and args.tasks_per_node is None:
+        raise v.LaunchError("give --gpus-per-node N (GPU nodes) or --tasks-per-node N (CPU)")
+    v.slurm_time(args.time)
 
+
+def job_from_args(args: argparse.Namespace) -> SlurmJob:
+    check_args(args)
     config = args.config.resolve()
-    cfg = load_config(config, args.overrides)  # fail here, not in the queue
+    per_node = args.tasks_per_node or args.gpus_per_node
+    per_node_opt = "--tasks-per-node" if args.tasks_per_node else "--gpus-per-node"
+    # Fail here, not in the queue: the layout must fit nodes x processes per node.
+    cfg = v.load_run_config(config, args.overrides, args.nodes * per_node,
+                            f"--nodes {args.nodes} x {per_node_opt} {per_node}")
+    env = v.env_file(args.env_file)
     workdir = Path.cwd()
     run_dir = args.run_dir or Path(cfg.train.run_dir)
     if not run_dir.is_absolute():
         run_dir = workdir / run_dir
-    if args.gpus_per_node == 0 and args.tasks_per_node is None:
-        raise SystemExit("error: give --gpus-per-node (GPU) or --tasks-per-node (CPU)")
     return SlurmJob(
-        config=config, run_dir=run_dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        config=config, run_dir=run_dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node or 0,
         tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
         partition=args.partition, account=args.account, time=args.time,
-        container_image=args.container_image,
-        env=read_env_file(args.env_file) if args.env_file else {}, job_name=args.job_name,
+        container_image=args.container_image, env=env, job_name=args.job_name,
         launcher=args.launcher, entry=args.entry, python=args.python, workdir=workdir,
         overrides=[o for o in args.overrides if not o.startswith("train.run_dir=")],
         signal_seconds=args.signal_seconds, extra_sbatch=args.sbatch_arg,
@@ -227,14 +265,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         job = job_from_args(args)
-    except ConfigError as err:
+    except (ConfigError, v.LaunchError) as err:
         return report_error(err)
     script = job.render()
     if args.dry_run:
         print(script, end="")
         return 0
     path = record(job, script)
-    job_id = submit(path)
+    try:
+        job_id = submit(path)
+    except v.LaunchError as err:
+        return report_error(err)
     with (path.parent / "job_ids.txt").open("a") as ids:
         ids.write(job_id + "\n")
     print(f"submitted job {job_id}: {path}")

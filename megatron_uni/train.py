@@ -3,7 +3,8 @@
 Runs the same single-process, under torchrun, srun or mpirun (the launcher's environment decides
 rank and world size). Writes ``<train.run_dir>/`` (config.yaml, git_revision.txt, command.txt,
 metrics.jsonl, tensorboard/, checkpoints/). Resumes from ``checkpoint.load`` or the run dir's
-latest checkpoint. Bad configuration and checkpoint problems end with one clear line, exit 2.
+latest checkpoint. Bad configuration, checkpoint problems and bad data end with one clear line,
+exit 2.
 """
 
 from __future__ import annotations
@@ -31,15 +32,20 @@ def setup_logging(level: str) -> None:
     logging.getLogger("megatron").setLevel("WARNING")
 
 
-def report_error(err: Exception) -> int:
-    if os.environ.get("RANK", "0") == "0":
+def report_error(err: Exception, every_rank: bool = False) -> int:
+    """Print ``error: ...`` (rank 0, or with ``every_rank`` any rank: for problems only some
+    ranks meet, such as bad data) and return exit code 2."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0" or every_rank:
         kind = "config error" if isinstance(err, ConfigError) else "error"
-        print(f"{kind}: {err}", file=sys.stderr, flush=True)
+        where = f"rank {rank}: " if rank != "0" else ""
+        print(f"{kind}: {where}{err}", file=sys.stderr, flush=True)
     return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv, __doc__)
+    from megatron_uni.data.readers import DataError  # noqa: PLC0415
     from megatron_uni.training.checkpoint import CheckpointError  # noqa: PLC0415
 
     try:
@@ -55,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutdown()
     except (ConfigError, CheckpointError) as err:
         return report_error(err)
+    except DataError as err:  # past data.max_bad_samples, or nothing readable: on some ranks
+        return report_error(err, every_rank=True)
     return 0
 
 

@@ -14,8 +14,8 @@ when there are fewer shards than readers, reads every shard and keeps samples ``
 Inside a shard, blocks of ``shuffle_buffer`` samples are permuted. Its :attr:`position`
 ``(epoch, shard cursor, samples emitted from that shard)`` is all it takes to resume exactly.
 
-Bad input never stops the stream silently: an unreadable shard or a truncated tar ends that
-shard, an undecodable sample is skipped by the caller (:meth:`SampleStream.skip`); each is a
+Bad input never stops the stream silently: an unreadable shard or a truncated tar (cut at any
+offset, a header boundary included: :class:`_CheckedTarInfo`) ends that shard, an undecodable sample is skipped by the caller (:meth:`SampleStream.skip`); each is a
 warning naming task, shard and key, and counted; past ``max_bad_samples`` it is an error.
 """
 
@@ -110,6 +110,49 @@ class ShardReadError(Exception):
         self.shard, self.key, self.cause = shard, key, cause
 
 
+class TruncatedTarError(tarfile.ReadError):
+    """The archive ends before its end-of-archive marker: cut inside a header, at a header
+    boundary, or between the two zero blocks; or a corrupt header mid-archive."""
+
+
+_ZERO_BLOCK = tarfile.NUL * tarfile.BLOCKSIZE
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Reads headers like :class:`tarfile.TarInfo` but refuses a premature end.
+
+    In stream mode (``"r|*"``) tarfile takes a missing, short or corrupt header after the first
+    member for the end of the archive, so a shard cut at a header boundary loses the rest of
+    its samples without a word. A tar ends with two zero blocks (POSIX; tarfile, GNU tar and
+    webdataset write them): here the end is accepted only when both are there, which works on
+    streams (URLs, pipes, compressed shards) where comparing with a file size would not.
+    A truncated member's data is caught by tarfile itself ("unexpected end of data").
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        start = tarfile_.fileobj.tell()
+        buf = tarfile_.fileobj.read(tarfile.BLOCKSIZE)
+        if len(buf) == 0:
+            raise TruncatedTarError(
+                f"truncated tar: ends at byte {start} without the end-of-archive blocks "
+                "(cut at a header boundary?)")
+        if len(buf) < tarfile.BLOCKSIZE:
+            raise TruncatedTarError(f"truncated tar: ends inside the header at byte {start}")
+        if buf == _ZERO_BLOCK:
+            if tarfile_.fileobj.read(tarfile.BLOCKSIZE) != _ZERO_BLOCK:
+                raise TruncatedTarError(
+                    f"truncated tar: one zero block at byte {start}, not the two that end an "
+                    "archive")
+            raise tarfile.EOFHeaderError("end of file header")  # tarfile's normal end
+        try:
+            obj = cls.frombuf(buf, tarfile_.encoding, tarfile_.errors)
+        except tarfile.HeaderError as err:
+            raise TruncatedTarError(f"corrupt tar header at byte {start}: {err}") from None
+        obj.offset = tarfile_.fileobj.tell() - tarfile.BLOCKSIZE
+        return obj._proc_member(tarfile_)
+
+
 def _open(shard: str):  # noqa: ANN202 - a binary file object
     if is_url(shard):
         import webdataset
@@ -124,7 +167,9 @@ def iter_shard(shard: str) -> Iterator[RawSample]:
     current: RawSample | None = None
     key = ""
     try:
-        with _open(shard) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with _open(shard) as stream, tarfile.open(
+            fileobj=stream, mode="r|*", tarinfo=_CheckedTarInfo
+        ) as tar:
             for member in tar:
                 if not member.isfile() or member.name.split("/")[-1].startswith("__"):
                     continue

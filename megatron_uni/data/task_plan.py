@@ -73,6 +73,26 @@ def _resolve(root: str, path: str) -> Path:
     return p if p.is_absolute() else Path(root) / p
 
 
+def _read_text(name: str, task: TaskConfig, path: Path, what: str) -> str:
+    """``path`` as UTF-8; a file in another encoding (or unreadable) is a ConfigError naming
+    the file, the byte and the fix."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"task {name}: target set file {path} is not UTF-8 text (byte {err.start}: "
+            f"{err.object[err.start:err.start + 1]!r})", field=_field(name, "target_set"),
+            value=task.target_set,
+            fix=f"save it as UTF-8 ({what}), e.g. iconv -f latin1 -t utf-8 {path.name}",
+        ) from None
+    except OSError as err:
+        raise ConfigError(
+            f"task {name}: cannot read target set file {path} ({err.strerror})",
+            field=_field(name, "target_set"), value=task.target_set,
+            fix="make it readable or fix the path",
+        ) from None
+
+
 def load_target_set(
     name: str, task: TaskConfig, root: str, tokenizer: ClipTokenizer
 ) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
@@ -103,7 +123,8 @@ def load_target_set(
                 field=_field(name, "target_set"), value=task.target_set,
                 fix="name the class-name file (e.g. classes.txt from tools.build_shards)",
             )
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        text = _read_text(name, task, path, "class names, one per line")
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         ids = tuple(tuple(tokenizer.encode(n)) for n in names)
         if not ids or any(not i for i in ids):
             raise ConfigError(
@@ -112,7 +133,7 @@ def load_target_set(
             )
         return ids, ()
     try:
-        vocab = json.loads(path.read_text())
+        vocab = json.loads(_read_text(name, task, path, "a JSON list of BPE token ids"))
     except json.JSONDecodeError as err:
         raise ConfigError(
             f"task {name}: {path} is not JSON ({err})", field=_field(name, "target_set"),

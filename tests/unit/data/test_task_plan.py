@@ -118,3 +118,15 @@ def test_bad_augmentation_spec_fails_at_start_up(demo_root: Path) -> None:
     with pytest.raises(ConfigError, match="task image_cls: timm cannot build") as info:
         MultiTaskLoader(cfg, 0, 1, 1)
     assert info.value.field == "data.tasks.image_cls.rand_augment"
+
+
+@pytest.mark.parametrize("task,name", [("image_cls", "classes.txt"), ("mlm", "vocab.json")])
+def test_target_set_not_utf8_names_the_file(demo_root: Path, tmp_path: Path, task: str,
+                                            name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"circle\ncarr\xe9\n" if task == "image_cls" else b"[1, 2]\xff")
+    cfg = demo_config(demo_root, f"data.tasks.{task}.target_set={path}")
+    with pytest.raises(ConfigError, match=f"task {task}: target set file {path} is not UTF-8"
+                       ) as info:
+        plan_training_tasks(cfg, 0, 1, get_tokenizer())
+    assert info.value.field == f"data.tasks.{task}.target_set"

@@ -1,0 +1,41 @@
+"""``launch.local`` as a user runs it: SIGTERM mid-run, the workers save, the launch exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "configs" / "runs" / "demo.yaml"
+LOOP = REPO / "megatron_uni" / "training" / "loop.py"
+
+
+@pytest.mark.skipif("record_saved_after_signal" not in LOOP.read_text(),
+                    reason="the trainer does not write the exit_status marker yet (loop.py)")
+def test_sigterm_to_launch_local_saves_and_exits_zero(demo_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch.local", "--nproc", "2", "--config", str(DEMO),
+           f"data.root={demo_root}", f"train.run_dir={run}", "parallel.tp=1", "parallel.ep=2",
+           "train.steps=10000", "logging.log_interval=1", "logging.tensorboard=false",
+           "checkpoint.save_interval=0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert "the workers saved step" in err
+    steps_done = len(metrics.read_text().splitlines())
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"iter_{steps_done:07d}"
