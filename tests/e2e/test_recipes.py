@@ -30,6 +30,7 @@ from tools import build_shards
 REPO = Path(__file__).resolve().parents[2]
 RUNS = REPO / "configs" / "runs"
 RECIPES = sorted(p.stem for p in RUNS.glob("pretrain_*.yaml"))
+ZEROSHOT = sorted(p.stem for p in RUNS.glob("zeroshot_*.yaml"))
 STEPS = 16
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.ffn_hidden_size=256", "train.precision=fp32", "data.num_workers=0",
@@ -83,6 +84,18 @@ def mini_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for dataset in ("yfcc", "cc12m", "cc3m", "sbu"):  # img2dataset output folders
         write_img2dataset(root / dataset, [f"{dataset} picture {i} of a dog" for i in range(8)],
                           per_shard=4)
+    # the zero-shot evaluation sets (configs/tasks/zeroshot.yaml)
+    for c, name in enumerate(["tench", "goldfish"]):  # ImageNet-1k val sorted into class folders
+        for i in range(3):
+            _image(raw / "in1k_val" / name / f"val_{i}.JPEG", (120 * c, 50 * i, 60))
+    _build("imagefolder", str(raw / "in1k_val"), "--out", str(root / "imagenet1k"),
+           "--prefix", "val")
+    _build("coco", *map(str, _coco(raw / "coco_test", 6)), "--out", str(root / "coco"),
+           "--prefix", "test5k")
+    _build("coco", *map(str, _coco(raw / "flickr_test", 6)), "--out", str(root / "flickr30k"),
+           "--prefix", "test")
+    _build("videos", str(raw / "kinetics700"), "--out", str(root / "kinetics400"),
+           "--prefix", "val")
     # The recipes score MLM and captioning against the whole CLIP vocabulary (target_set clip,
     # 49,408 targets a step); here against the words of the miniature data.
     tok = get_tokenizer()
@@ -151,17 +164,49 @@ def test_dry_run_lists_tasks(mini_root: Path, capsys: pytest.CaptureFixture[str]
     from megatron_uni.train import main
 
     monkeypatch.setenv("WORLD_SIZE", "56")
-    for recipe in RECIPES:
+    for recipe in RECIPES + ZEROSHOT:
         assert main(["--config", str(RUNS / f"{recipe}.yaml"), f"data.root={mini_root}",
                      "--dry-run"]) == 0, recipe
         out = capsys.readouterr().out
         lines = out.splitlines()
-        assert "dp 56" in out and lines[-1] == "config ok: 16 tasks (dry run: nothing trained)"
         tasks = load_config(RUNS / f"{recipe}.yaml").data.tasks
+        assert len(tasks) == (16 if recipe in RECIPES else 21), recipe
+        assert "dp 56" in out
+        assert lines[-1] == f"config ok: {len(tasks)} tasks (dry run: nothing trained)"
         rows = {line.split()[0]: line.split() for line in lines
                 if line.split() and line.split()[0] in tasks}
-        assert len(rows) == 16, recipe
+        assert len(rows) == len(tasks), recipe
         # every task's shards and target set are found in the miniature layouts
         assert all(row[10] == "ok:" for row in rows.values()), out
-        batch = {"stage1": "720", "stage2": "440"}[recipe.rsplit("_", 1)[1]]
+        batch = "720" if recipe.endswith("stage1") else "440"  # zero-shot: on stage 2
         assert rows["imagenet21k"][2] == "2.486" and rows["imagenet21k"][5] == batch, out
+
+
+def _evaluate(rank: int, world: int, argv: list[str]) -> int:
+    from megatron_uni.evaluate import main
+
+    return main(argv)
+
+
+def test_zero_shot_suite_evaluates(mini_root: Path, tmp_path: Path) -> None:
+    config = RUNS / "zeroshot_moe_b.yaml"
+    cfg = load_config(config)
+    suite = [n for n, t in cfg.data.tasks.items() if t.eval_shards]
+    assert suite == ["imagenet1k", "coco_caption_test", "coco_retrieval_test",
+                     "flickr30k_retrieval_test", "kinetics400"]
+    shrink = []
+    for name in suite:
+        t = f"data.tasks.{name}"
+        shrink += [f"{t}.micro_batch_size=4", f"{t}.seq_len=64", f"{t}.image_size=32"]
+    shrink += ["data.tasks.coco_caption_test.target_set=mini_vocab.json",
+               "data.tasks.coco_caption_test.max_text_len=8",
+               "data.tasks.coco_retrieval_test.max_text_len=12",
+               "data.tasks.flickr30k_retrieval_test.max_text_len=12"]
+    argv = ["--config", str(config), f"data.root={mini_root}", f"train.run_dir={tmp_path}",
+            "checkpoint.load=null", *TINY, *shrink]
+    assert run_ranks(_evaluate, 1, args=(argv,), timeout=300) == [0]
+    metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert set(metrics) == set(suite)
+    assert set(metrics["coco_caption_test"]) == {"bleu4", "cider"}
+    assert set(metrics["imagenet1k"]) == {"top1", "top5"} == set(metrics["kinetics400"])
+    assert metrics["flickr30k_retrieval_test"]["t2i_r10"] == 1.0  # 6 images: all within 10
