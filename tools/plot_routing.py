@@ -150,8 +150,8 @@ def load_panels(path: Path, step: int | None = None, source: str | None = None
         source = source or ("train" if jsonl.exists() else "eval")
         path = jsonl if source == "train" else report
         if not path.exists():
-            raise InputError(f"{path} does not exist (the run directory has "
-                             f"{'no training routing statistics' if source == 'train' else 'no evaluation report'})")
+            what = "training routing statistics" if source == "train" else "evaluation report"
+            raise InputError(f"{path} does not exist (the run directory has no {what})")
     elif not path.exists():
         raise InputError(f"{path} does not exist")
     if path.suffix == ".jsonl":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -136,7 +137,8 @@ def _write_video(path: Path, values: list[int], fps: int = 30, size: int = 48) -
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         for v in values:
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), v, np.uint8), format="rgb24")
+            pixels = np.full((size, size, 3), v, np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
 
@@ -159,7 +161,7 @@ def test_videos_as_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert sorted(a.members) == ["0000.jpg", "0001.jpg", "0002.jpg", "cls", "json", "txt"]
     meta = json.loads(a.members["json"])
     assert meta["frame_indices"] == [0, 32, 64] and meta["num_source_frames"] == 90
-    assert Image.open(__import__("io").BytesIO(a.members["0000.jpg"])).size == (32, 32)
+    assert Image.open(io.BytesIO(a.members["0000.jpg"])).size == (32, 32)
     cfg = cfg_for(tmp_path / "s", "type=video_classification", "eval_shards=train-000000.tar",
                   "target_set=classes.txt", "num_frames=3", "micro_batch_size=4")
     (batch,) = list(EvalLoader(cfg, "t"))
