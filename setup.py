@@ -41,6 +41,9 @@ setup(
         # tools/plot_routing.py (routing heatmaps); the library never imports it.
         "plots": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
+        # tools.build_shards videos on video files (tools/video_files.py); the loader reads
+        # the stored frames and never imports it.
+        "video": ["av>=12"],
         # apex and Transformer Engine are optional accelerators, installed from their own
         # instructions (they need a CUDA toolchain); nothing here requires them.
     },

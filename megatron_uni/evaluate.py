@@ -5,9 +5,9 @@
 
 For each task with ``eval_shards`` (held-out tasks of weight 0 included): classification top-1 /
 top-5 against the class names; retrieval R@1/5/10 image->text and text->image over the whole
-eval set; captioning greedy decoding and corpus BLEU-4; MLM masked-token accuracy. Any parallel
-layout (TP, PP, EP, DP; a checkpoint loads under any of them) gives the same numbers. Without
-``checkpoint.load`` the model keeps its random initial weights (with a warning). Writes
+eval set; captioning greedy decoding, corpus BLEU-4 and CIDEr-D; MLM masked-token accuracy. Any
+parallel layout (TP, PP, EP, DP; a checkpoint loads under any of them) gives the same numbers.
+Without ``checkpoint.load`` the model keeps its random initial weights (with a warning). Writes
 ``<train.run_dir>/eval.json`` (or ``--out``) on rank 0 and prints a table. Configuration and
 checkpoint problems end with one clear line, exit 2.
 """

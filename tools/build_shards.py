@@ -3,7 +3,9 @@
     python -m tools.build_shards imagefolder ROOT --out DIR      # ROOT/<class>/<image>
     python -m tools.build_shards coco CAPTIONS.json IMAGES --out DIR
     python -m tools.build_shards videos ROOT --out DIR [--captions CAPTIONS.json]
-                                                # ROOT/[<class>/]<video>/<frame images>
+                    # ROOT/[<class>/]<video>/<frame images> or ROOT/[<class>/]<video>.mp4
+                    # (also .webm, .avi, .mkv, .mov: decoded with PyAV, every --frame-stride
+                    # frames at 30 fps kept, short side --short-side, JPEG --jpeg-quality)
     python -m tools.build_shards text FILE [FILE ...] --out DIR
 
 Common options: ``--prefix train`` (shards ``DIR/train-000000.tar``, ...), ``--shard-size``
@@ -87,11 +89,20 @@ def coco_items(captions: Path, images: Path) -> tuple[list[Item], str]:
     return items, f"{len(items)} captioned images of {len(data.get('images', []))}"
 
 
-def video_items(root: Path, out: Path, captions: Path | None) -> tuple[list[Item], str]:
-    """Videos as frame folders: ROOT/<video>/<frames> or ROOT/<class>/<video>/<frames>."""
-    videos = sorted({p.parent for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES})
+def video_items(root: Path, out: Path, captions: Path | None, *, stride: float = 32,
+                short_side: int = 256, quality: int = 90) -> tuple[list[Item], str]:
+    """Videos as frame folders (ROOT/[<class>/]<video>/<frames>) or video files
+    (ROOT/[<class>/]<video>.mp4, .webm, .avi, .mkv, .mov; :mod:`tools.video_files` keeps every
+    ``stride``-th frame at 30 fps, resized to ``short_side``, as JPEG). A ``json`` member
+    records a file's fps, frame count and the kept frame indices."""
+    from tools.video_files import VIDEO_SUFFIXES, frame_members  # noqa: PLC0415
+
+    files = {p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES}
+    folders = {p.parent for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+    videos = sorted(files | folders)
     if not videos:
-        raise SystemExit(f"{root}: no frame folders (expected ROOT/[<class>/]<video>/<frames>)")
+        raise SystemExit(f"{root}: no frame folders or video files (expected "
+                         f"ROOT/[<class>/]<video>/<frames> or ROOT/[<class>/]<video>.mp4)")
     depths = {len(v.relative_to(root).parts) for v in videos}
     if len(depths) != 1 or depths - {1, 2}:
         raise SystemExit(f"{root}: frame folders must all be ROOT/<video> or all "
@@ -103,27 +114,38 @@ def video_items(root: Path, out: Path, captions: Path | None) -> tuple[list[Item
         raw = json.loads(captions.read_text())
         texts = {k: [v] if isinstance(v, str) else list(v) for k, v in raw.items()}
     items: list[Item] = []
+    def name_of(v: Path) -> str:
+        return v.stem if v in files else v.name
+
     for video in videos:
-        rel = video.relative_to(root).as_posix()
+        rel = video.relative_to(root).with_name(name_of(video)).as_posix()
 
         def members(v: Path = video, r: str = rel) -> dict[str, bytes | str]:
             out_members: dict[str, bytes | str] = {}
-            for t, frame in enumerate(_images(v)):
+            if v in files:
+                try:
+                    frames, meta = frame_members(v, stride=stride, short_side=short_side,
+                                                 quality=quality)
+                except Exception as err:  # noqa: BLE001 - PyAV raises its own error classes
+                    raise OSError(f"cannot decode {v}: {type(err).__name__}: {err}") from None
+                out_members.update(frames)
+                out_members["json"] = json.dumps({"source": r, **meta})
+            for t, frame in enumerate(_images(v) if v in folders else []):
                 out_members[f"{t:04d}.{IMAGE_SUFFIXES[frame.suffix.lower()]}"] = frame.read_bytes()
             if labelled:
                 out_members["cls"] = str(classes.index(v.parent.name))
-            caps = texts.get(r) or texts.get(v.name)
+            caps = texts.get(r) or texts.get(name_of(v))
             if caps:
                 out_members["txt"] = "\n".join(caps)
             return out_members
 
         items.append((rel, members))
-    note = f"{len(videos)} videos"
+    note = f"{len(videos)} videos" + (f" ({len(files)} video files)" if files else "")
     if labelled:
         note += f", {len(classes)} classes -> target_set {_write_classes(out, classes)}"
     if captions is not None:
-        found = sum(1 for v in videos if texts.get(v.relative_to(root).as_posix())
-                    or texts.get(v.name))
+        found = sum(1 for v in videos if texts.get(v.relative_to(root).with_name(
+            name_of(v)).as_posix()) or texts.get(name_of(v)))
         note += f", captions for {found}"
     return items, note
 
@@ -174,9 +196,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("coco", parents=[common], help="COCO captions JSON + image folder")
     p.add_argument("captions", type=Path)
     p.add_argument("images", type=Path)
-    p = sub.add_parser("videos", parents=[common], help="ROOT/[<class>/]<video>/<frames>")
+    p = sub.add_parser("videos", parents=[common],
+                       help="ROOT/[<class>/]<video>/<frames> or ROOT/[<class>/]<video>.mp4")
     p.add_argument("root", type=Path)
     p.add_argument("--captions", type=Path, help="JSON: video name -> caption or captions")
+    p.add_argument("--frame-stride", type=float, default=32.0,
+                   help="video files: keep every N-th frame at 30 fps (the reference's STRIDE)")
+    p.add_argument("--short-side", type=int, default=256,
+                   help="video files: resize frames to this short side (0 = as stored)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="video files: JPEG quality")
     p = sub.add_parser("text", parents=[common], help="plain text files, a sample per line")
     p.add_argument("files", type=Path, nargs="+")
     p.add_argument("--max-words", type=int, default=200, help="split longer lines")
@@ -188,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.source == "coco":
         items, note = coco_items(args.captions, args.images)
     elif args.source == "videos":
-        items, note = video_items(args.root, args.out, args.captions)
+        items, note = video_items(args.root, args.out, args.captions, stride=args.frame_stride,
+                                  short_side=args.short_side, quality=args.jpeg_quality)
     else:
         items, note = text_items(args.files, args.max_words)
     if not items:

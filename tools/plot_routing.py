@@ -1,9 +1,18 @@
 """Routing statistics as a heatmap: rows layer x condition, columns experts, cells the share of
 that condition's tokens the expert processes (shares of a row sum to top-k).
 
-    python -m tools.plot_routing STATS.json --out routing.png [--title TEXT]
+    python -m tools.plot_routing RUN_DIR | routing_stats.jsonl | eval.json | STATS.json
+        [--step N] [--source train|eval] [--out routing.png] [--title TEXT]
 
-STATS.json is what ``megatron_uni.moe.stats.stats_to_json`` / ``collect_routing_stats`` give.
+Inputs, as a run writes them:
+- ``routing_stats.jsonl`` (training, one JSON object per logged step): the step ``--step``
+  (default the last one logged); one heatmap per task logged at that step.
+- ``eval.json`` (``python -m megatron_uni.evaluate``): one heatmap per evaluated task
+  (``tasks.<name>.routing``).
+- a run directory: its ``routing_stats.jsonl`` (``--source train``, the default when it
+  exists) or its ``eval.json`` (``--source eval``).
+- a single statistics object (``megatron_uni.moe.stats.stats_to_json``).
+One heatmap is written to ``--out``; several go to ``<out stem>-<task>.png`` beside it.
 Needs matplotlib (``pip install 'megatron-uni[plots]'``); the library itself never imports it.
 """
 
@@ -78,23 +87,112 @@ def render(stats: dict[str, Any], out: Path, title: str | None = None) -> Path:
     return out
 
 
+class InputError(ValueError):
+    """The input is not routing statistics (or not the step asked for)."""
+
+
+def _is_stats(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("layers"), dict)
+
+
+def _from_jsonl(path: Path, step: int | None) -> list[tuple[str, dict[str, Any]]]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path} line {number}: {err}") from err
+        if _is_stats(record) and "step" in record:
+            records.append(record)
+    if not records:
+        raise InputError(f"{path} holds no routing statistics (a dense model, or nothing logged)")
+    steps = sorted({r["step"] for r in records})
+    chosen = steps[-1] if step is None else step
+    picked = [r for r in records if r["step"] == chosen]
+    if not picked:
+        raise InputError(f"{path} has no step {chosen}; logged steps: {_span(steps)}")
+    return [(f"{r.get('task', 'train')}", r) for r in picked]
+
+
+def _span(steps: list[int]) -> str:
+    if len(steps) <= 8:
+        return ", ".join(map(str, steps))
+    return ", ".join(map(str, steps[:4])) + ", ..., " + ", ".join(map(str, steps[-3:]))
+
+
+def _from_json(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        if "Extra data" in str(err):  # several objects, one per line: a routing_stats.jsonl
+            return _from_jsonl(path, None)
+        raise InputError(f"{path}: {err}") from err
+    if _is_stats(obj):
+        return [(str(obj.get("task", "routing")), obj)]
+    if isinstance(obj, dict) and isinstance(obj.get("tasks"), dict):  # eval.json
+        panels = [(name, info["routing"]) for name, info in obj["tasks"].items()
+                  if _is_stats(info.get("routing"))]
+        if not panels:
+            raise InputError(f"{path} is an evaluation report without routing statistics "
+                             "(a dense model)")
+        return panels
+    raise InputError(f"{path} is not routing statistics (no 'layers' key), nor an eval.json "
+                     "or routing_stats.jsonl")
+
+
+def load_panels(path: Path, step: int | None = None, source: str | None = None
+                ) -> list[tuple[str, dict[str, Any]]]:
+    """(task name, statistics) pairs to plot from any of the inputs the module doc lists."""
+    if path.is_dir():
+        jsonl, report = path / "routing_stats.jsonl", path / "eval.json"
+        source = source or ("train" if jsonl.exists() else "eval")
+        path = jsonl if source == "train" else report
+        if not path.exists():
+            what = "training routing statistics" if source == "train" else "evaluation report"
+            raise InputError(f"{path} does not exist (the run directory has no {what})")
+    elif not path.exists():
+        raise InputError(f"{path} does not exist")
+    if path.suffix == ".jsonl":
+        return _from_jsonl(path, step)
+    if step is not None:
+        raise InputError("--step chooses a line of routing_stats.jsonl; "
+                         f"{path} is a single report")
+    return _from_json(path)
+
+
+def _out_path(out: Path, name: str, many: bool) -> Path:
+    if not many:
+        return out
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return out.with_name(f"{out.stem}-{safe}{out.suffix or '.png'}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stats", type=Path, help="routing statistics JSON (stats_to_json)")
+    parser.add_argument("stats", type=Path,
+                        help="run directory, routing_stats.jsonl, eval.json or a stats JSON")
+    parser.add_argument("--step", type=int, default=None,
+                        help="routing_stats.jsonl: the step to plot (default the last logged)")
+    parser.add_argument("--source", choices=["train", "eval"], default=None,
+                        help="run directory: routing_stats.jsonl (train) or eval.json (eval)")
     parser.add_argument("--out", type=Path, default=Path("routing.png"), help="PNG to write")
     parser.add_argument("--title", default=None, help="figure title")
     args = parser.parse_args(argv)
     try:
-        stats = json.loads(args.stats.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        print(f"plot_routing: cannot read {args.stats}: {err}", file=sys.stderr)
+        panels = load_panels(args.stats, args.step, args.source)
+    except (OSError, InputError) as err:
+        print(f"plot_routing: {err}", file=sys.stderr)
         return 2
-    if not isinstance(stats, dict) or "layers" not in stats:
-        print(f"plot_routing: {args.stats} is not routing statistics (no 'layers' key; "
-              f"write it with megatron_uni.moe.stats.stats_to_json)", file=sys.stderr)
-        return 2
-    render(stats, args.out, args.title)
-    print(args.out)
+    many = len(panels) > 1
+    for name, stats in panels:
+        step = f", step {stats['step']}" if "step" in stats else ""
+        title = args.title
+        if title is None and (many or step):
+            topk = stats.get("topk", "?")
+            title = f"{name}{step}: routing per layer and condition (a row sums to {topk})"
+        print(render(stats, _out_path(args.out, name, many), title))
     return 0
 
 

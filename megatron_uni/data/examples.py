@@ -13,6 +13,10 @@ Members a sample needs (webdataset extensions; shard builders in ``tools/build_s
 | MLM                    | ``txt``: plain text                                             |
 
 ``json`` may stand in for ``cls``/``txt`` as ``{"label": 3}`` / ``{"captions": [...]}``.
+img2dataset's shards (``NNNN.jpg``, ``NNNN.txt``, ``NNNN.json`` with its ``url``, ``status``,
+``caption``, ...) are read as they are: a ``json`` with one ``caption`` string marks ``txt`` as
+that one caption (a line break inside it does not make two captions); its ``_stats.json`` and
+``.parquet`` side files are not shards (point ``shards`` at the ``.tar`` files).
 A sample that lacks a member or does not decode raises :class:`SampleError`; the loader skips
 and counts it. Every random choice (caption, frames, crop, masks) comes from the generator the
 caller passes, so a micro-batch is a function of the loader's seed and its place in the stream.
@@ -150,6 +154,12 @@ class Decoder:
         return label
 
     def _captions(self, raw: RawSample) -> list[str]:
+        meta = _json(raw) if "json" in raw.members else {}
+        if "txt" in raw.members and isinstance(meta.get("caption"), str):  # img2dataset
+            caption = " ".join(_text(raw, "txt").split())
+            if not caption:
+                raise SampleError("empty caption (member txt)")
+            return [caption]
         if "txt" in raw.members:
             captions = [c.strip() for c in _text(raw, "txt").splitlines() if c.strip()]
         else:

@@ -42,6 +42,7 @@ from megatron_uni.evaluation.inputs import EvalSample
 from megatron_uni.evaluation.metrics import (
     bleu_from_statistics,
     bleu_statistics,
+    cider_d,
     recall_at_k,
     topk_correct,
     words,
@@ -251,12 +252,16 @@ def evaluate_mlm(ctx: EvalContext, plan: TaskPlan) -> TaskResult:
 
 
 def evaluate_captioning(ctx: EvalContext, plan: TaskPlan, num_examples: int = 3) -> TaskResult:
-    """Greedy captions, corpus BLEU-4 against every reference caption."""
+    """Greedy captions, corpus BLEU-4 and CIDEr-D against every reference caption.
+
+    CIDEr-D's document frequencies span the whole evaluation set, so the word lists of every
+    data-parallel rank are gathered (every rank then computes the same score)."""
     bank = encode_target_set(ctx, plan, [(t,) for t in plan.vocab], vocab=True)
     tok = ctx.tokenizer
     stats = torch.zeros(10, dtype=torch.float64)
     n = 0
     examples: list[dict[str, Any]] = []
+    pairs: list[tuple[list[str], list[list[str]]]] = []
     for mine, padded in _input_calls(ctx, plan):
         clips = [inputs.clips_of(g) for g in padded]
         decoded = greedy_decode(ctx.runner, plan, clips, bank, eot_id=tok.eot_id)
@@ -266,13 +271,27 @@ def evaluate_captioning(ctx: EvalContext, plan: TaskPlan, num_examples: int = 3)
                 hypothesis = tok.decode(ids)
                 # References go through the tokenizer too: the same cleaning as the hypotheses.
                 refs = [tok.decode(tok.encode(r)) for r in s.references]
-                stats += torch.tensor(bleu_statistics(words(hypothesis), [words(r) for r in refs]),
-                                      dtype=torch.float64)
+                pairs.append((words(hypothesis), [words(r) for r in refs]))
+                stats += torch.tensor(bleu_statistics(*pairs[-1]), dtype=torch.float64)
                 if len(examples) < num_examples:
                     examples.append({"sample": s.index, "caption": hypothesis, "references": refs})
     stats = all_sum(stats, dp_group(), ctx.device)  # every stage knows the decoded captions
     n = _count(ctx, n)
-    return TaskResult({"bleu4": bleu_from_statistics(stats.tolist())}, n, examples)
+    everyone = _gather_objects(pairs, dp_group())
+    cider, _ = cider_d([h for h, _ in everyone], [r for _, r in everyone])
+    return TaskResult({"bleu4": bleu_from_statistics(stats.tolist()), "cider": cider}, n,
+                      examples)
+
+
+def _gather_objects(items: list[Any], group: Any) -> list[Any]:
+    """Concatenation of every rank's ``items`` over ``group`` (group-rank order)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return list(items)
+    parts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, items, group=group)
+    return [item for part in parts for item in part]
 
 
 EVALUATORS: dict[str, Callable[[EvalContext, TaskPlan], TaskResult]] = {

@@ -163,3 +163,78 @@ def corpus_bleu(
 def words(text: str) -> list[str]:
     """Lower-cased whitespace words of a caption (apply the same to hypotheses and references)."""
     return text.lower().split()
+
+
+# ------------------------------------------------------------------------------- CIDEr-D
+def _tfidf(
+    counts: Counter, document_frequency: Counter, log_num_images: float, max_n: int
+) -> tuple[list[dict[tuple[str, ...], float]], list[float], int]:
+    """tf-idf vectors per n of one sentence's n-gram ``counts``, their norms, and its length.
+
+    The length is the sentence's bigram count, as in coco-caption's CIDEr-D (its ``n == 1``
+    branch counts 2-grams), so the length penalty sees word counts minus one.
+    """
+    vectors: list[dict[tuple[str, ...], float]] = [{} for _ in range(max_n)]
+    norms = [0.0] * max_n
+    length = 0
+    for gram, tf in counts.items():
+        n = len(gram) - 1
+        idf = log_num_images - math.log(max(1.0, document_frequency[gram]))
+        vectors[n][gram] = tf * idf
+        norms[n] += (tf * idf) ** 2
+        if n == 1:
+            length += tf
+    return vectors, [math.sqrt(v) for v in norms], length
+
+
+def _all_ngrams(sentence: Sequence[str], max_n: int) -> Counter:
+    out: Counter = Counter()
+    for n in range(1, max_n + 1):
+        out.update(ngrams(sentence, n))
+    return out
+
+
+def cider_d(
+    hypotheses: Sequence[Sequence[str]],
+    references: Sequence[Sequence[Sequence[str]]],
+    max_n: int = 4,
+    sigma: float = 6.0,
+) -> tuple[float, list[float]]:
+    """CIDEr-D (Vedantam et al. 2015, as coco-caption computes it) of word lists: the corpus
+    score and one score per hypothesis.
+
+    Per n in 1..max_n, each sentence is a tf-idf vector of its n-grams; the document frequency
+    of an n-gram is the number of images with it in any of their references, and the idf is
+    log(images) - log(max(1, df)). The hypothesis' entries are clipped to the reference's
+    (min(h, r) * r), the dot product divided by both norms and multiplied by the Gaussian
+    length penalty exp(-delta^2 / (2 sigma^2)); the n's are averaged, the references averaged,
+    times 10. The corpus score is the mean over hypotheses. The document frequencies come from
+    the whole set, so call it on every caption at once (not per shard or rank).
+    """
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
+    if not hypotheses:
+        return math.nan, []
+    ref_counts = [[_all_ngrams(r, max_n) for r in refs] for refs in references]
+    document_frequency: Counter = Counter()
+    for counts in ref_counts:
+        if not counts:
+            raise ValueError("a hypothesis needs at least one reference")
+        document_frequency.update(set().union(*counts))
+    log_num_images = math.log(float(len(references)))
+    scores = []
+    for hyp, counts in zip(hypotheses, ref_counts):
+        vec_h, norm_h, len_h = _tfidf(_all_ngrams(hyp, max_n), document_frequency,
+                                      log_num_images, max_n)
+        total = [0.0] * max_n
+        for ref in counts:
+            vec_r, norm_r, len_r = _tfidf(ref, document_frequency, log_num_images, max_n)
+            penalty = math.exp(-((len_h - len_r) ** 2) / (2 * sigma**2))
+            for n in range(max_n):
+                value = sum(min(h, vec_r[n].get(g, 0.0)) * vec_r[n].get(g, 0.0)
+                            for g, h in vec_h[n].items())
+                if norm_h[n] != 0 and norm_r[n] != 0:
+                    value /= norm_h[n] * norm_r[n]
+                total[n] += value * penalty
+        scores.append(sum(total) / max_n / len(counts) * 10.0)
+    return sum(scores) / len(scores), scores

@@ -73,13 +73,15 @@ def _check(report: dict) -> None:
     metrics = report["metrics"]
     assert set(metrics) == TASKS
     expected = {"classification": {"top1", "top5"}, "mlm": {"accuracy"},
-                "captioning": {"bleu4"},
+                "captioning": {"bleu4", "cider"},
                 "retrieval": {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}}
     for task, values in metrics.items():
         kind = report["tasks"][task]["type"]
         family = "classification" if kind.endswith("classification") else kind
         assert set(values) == expected[family], task
-        assert all(v is not None and 0.0 <= v <= 1.0 for v in values.values()), (task, values)
+        top = {"cider": 10.0}  # CIDEr-D lies in [0, 10]; every other metric is a fraction
+        assert all(v is not None and 0.0 <= v <= top.get(k, 1.0) for k, v in values.items()), (
+            task, values)
         assert report["tasks"][task]["num_samples"] == 10
     assert report["tasks"]["video_text_retrieval"]["held_out"] is True
     assert report["step"] == 0 and report["checkpoint"].endswith("iter_0000000")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -122,3 +123,49 @@ def test_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ids[batch.loss.query_index] = torch.tensor([vocab[k] for k in batch.loss.labels])
     first = ids[batch.seq_id.flatten() == 0][1:].tolist()
     assert tok.decode(first) == "the first line of text"  # masks undone by their labels
+
+
+def _write_video(path: Path, values: list[int], fps: int = 30, size: int = 48) -> None:
+    """A uniformly grey video, frame t at brightness values[t] (PyAV, codec by suffix)."""
+    import av
+    from fractions import Fraction
+
+    codec = {".webm": "libvpx-vp9", ".avi": "mpeg4"}.get(path.suffix, "libx264")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps))
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for v in values:
+            pixels = np.full((size, size, 3), v, np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_videos_as_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("av")
+    ramp = [min(20 + 2 * t, 235) for t in range(90)]  # 3 s at 30 fps
+    files = {"brightening/a.mp4": ramp, "brightening/b.webm": ramp,
+             "darkening/c.avi": ramp[::-1], "darkening/d.mkv": ramp[::-1]}
+    for name, values in files.items():
+        _write_video(tmp_path / "in" / name, values)
+    (tmp_path / "caps.json").write_text(json.dumps({"a": "gets brighter"}))
+    out = build(["videos", str(tmp_path / "in"), "--out", str(tmp_path / "s"), "--captions",
+                 str(tmp_path / "caps.json"), "--short-side", "32"], capsys)
+    assert "4 videos (4 video files), 2 classes" in out and "captions for 1" in out
+    samples = {s.key: s for s in iter_shard(str(tmp_path / "s" / "train-000000.tar"))}
+    assert sorted(samples) == ["brightening/a", "brightening/b", "darkening/c", "darkening/d"]
+    a = samples["brightening/a"]
+    # every 32nd frame of 90 at 30 fps: frames 0, 32, 64 (the reference's stride)
+    assert sorted(a.members) == ["0000.jpg", "0001.jpg", "0002.jpg", "cls", "json", "txt"]
+    meta = json.loads(a.members["json"])
+    assert meta["frame_indices"] == [0, 32, 64] and meta["num_source_frames"] == 90
+    assert Image.open(io.BytesIO(a.members["0000.jpg"])).size == (32, 32)
+    cfg = cfg_for(tmp_path / "s", "type=video_classification", "eval_shards=train-000000.tar",
+                  "target_set=classes.txt", "num_frames=3", "micro_batch_size=4")
+    (batch,) = list(EvalLoader(cfg, "t"))
+    assert batch.images.shape == (4, 3, 3, 32, 32)
+    for clip, label in zip(batch.images, batch.loss.labels):
+        steps = clip.mean((1, 2, 3)).diff()
+        assert (steps > 0).all() if label == 0 else (steps < 0).all()  # frames in time order

@@ -145,3 +145,58 @@ def test_bleu_edge_cases() -> None:
     assert _bleu([], []) == 0.0
     with pytest.raises(ValueError):
         corpus_bleu([["a"]], [])
+
+
+# --------------------------------------------------------------------------- CIDEr-D
+# The hand computation follows coco-caption's CIDEr-D: per n, tf-idf vectors with idf =
+# log(#images) - log(max(1, df)), df = images whose references hold the n-gram; clipped dot
+# product min(h, r) * r over |h| |r|; Gaussian length penalty on the bigram counts, sigma 6;
+# mean over n = 1..4, mean over references, x10; corpus = mean over images.
+def _cider(hyps: list[str], refs: list[list[str]]) -> tuple[float, list[float]]:
+    from megatron_uni.evaluation.metrics import cider_d
+
+    return cider_d([words(h) for h in hyps], [[words(r) for r in rs] for rs in refs])
+
+
+def test_cider_idf_zero_for_ngrams_in_every_image() -> None:
+    # 'a' is in both images' references: df 2, idf log 2 - log 2 = 0, so it carries no weight.
+    # Image 1: 1-grams h = {a: 0, cat: L}, r the same -> L*L / (L * L) = 1; 2-gram 'a cat':
+    # idf log 2 - log 1 = L -> 1; no 3- or 4-grams (norm 0 -> 0). Equal lengths: penalty 1.
+    # (1 + 1 + 0 + 0) / 4 / 1 reference * 10 = 5; image 2 is the same.
+    corpus, per = _cider(["a cat", "a dog"], [["a cat"], ["a dog"]])
+    assert per == pytest.approx([5.0, 5.0]) and corpus == pytest.approx(5.0)
+
+
+def test_cider_two_references_and_length_penalty() -> None:
+    # Every n-gram below occurs in one image's references only (or none: df 0 -> max(1, 0) = 1),
+    # so every idf is L = log 2 and it cancels in the cosines.
+    pen = math.exp(-1 / (2 * 6.0**2))  # bigram counts differ by one
+    # image 1, hyp 'a cat' (1 bigram). ref 'a cat sits' (2 bigrams): 1-grams 2 L^2 / (L sqrt2 *
+    # L sqrt3) = 2/sqrt6, 2-grams L^2 / (L * L sqrt2) = 1/sqrt2, 3-gram: hyp norm 0 -> 0.
+    # ref 'a cat': 1 and 1, penalty 1.
+    image1 = (pen * (2 / math.sqrt(6) + 1 / math.sqrt(2)) + (1 + 1)) / 4 / 2 * 10
+    # image 2, hyp 'dog' (0 bigrams) vs 'dog runs' (1 bigram): 1-grams L^2 / (L * L sqrt2).
+    image2 = pen * (1 / math.sqrt(2)) / 4 / 1 * 10
+    corpus, per = _cider(["a cat", "dog"], [["a cat sits", "a cat"], ["dog runs"]])
+    assert per == pytest.approx([image1, image2])
+    assert corpus == pytest.approx((image1 + image2) / 2)
+
+
+def test_cider_clips_repeated_words() -> None:
+    # hyp 'cat cat cat' (2 bigrams) vs 'a cat' (1 bigram), 'a' with idf 0 as above.
+    # 1-grams: h = {cat: 3L}, r = {a: 0, cat: L}: min(3L, L) * L / (3L * L) = 1/3 (not 1);
+    # 2-grams: 'cat cat' vs 'a cat' share nothing -> 0.
+    pen = math.exp(-1 / (2 * 6.0**2))
+    corpus, per = _cider(["cat cat cat", "a dog"], [["a cat"], ["a dog"]])
+    assert per[0] == pytest.approx(pen * (1 / 3) / 4 * 10)
+    assert per[1] == pytest.approx(5.0)
+
+
+def test_cider_rejects_mismatched_input() -> None:
+    from megatron_uni.evaluation.metrics import cider_d
+
+    with pytest.raises(ValueError):
+        cider_d([["a"]], [])
+    with pytest.raises(ValueError, match="reference"):
+        cider_d([["a"]], [[]])
+    assert math.isnan(cider_d([], [])[0])
