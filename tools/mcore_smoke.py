@@ -102,9 +102,12 @@ def synthetic_batches(
     return batches
 
 
-def _causal_mask(seq_len: int) -> torch.Tensor:
-    # megatron's convention: True marks a position that may NOT be attended.
-    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool), diagonal=1)
+def _causal_mask(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    # megatron's convention: True marks a position that may NOT be attended. Built on the
+    # batch's device: a CPU mask would meet GPU activations.
+    return torch.triu(
+        torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1
+    )
 
 
 def forward_step(batch_iter: Iterator[dict[str, torch.Tensor]], model: Any) -> tuple[Any, Callable]:
@@ -112,7 +115,10 @@ def forward_step(batch_iter: Iterator[dict[str, torch.Tensor]], model: Any) -> t
     batch = next(batch_iter)
     seq_len = batch["tokens"].shape[1]
     per_token = model(
-        batch["tokens"], batch["position_ids"], _causal_mask(seq_len), labels=batch["labels"]
+        batch["tokens"],
+        batch["position_ids"],
+        _causal_mask(seq_len, batch["tokens"].device),
+        labels=batch["labels"],
     )
 
     def loss_func(output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
