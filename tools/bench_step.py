@@ -11,7 +11,8 @@ batch built before timing (data loading is ``tools.bench_loader``'s business); e
 rank 0 prints. Per variant: median ms per step and per phase (forward / backward / optimizer,
 measured where the forward's end is visible: one pipeline stage; "-" otherwise), tokens/s,
 model TFLOP/s per rank (megatron_uni.training.metrics.step_flops: active experts only) and MFU
-against a dense matmul measured at the start of the run on the same device in the run's
+against a dense matmul ([tokens, hidden] x [hidden, ffn]) measured before and after the variants
+(the better of the two) on the same device in the run's
 precision, peak memory per rank (allocated on GPU, RSS high-water on CPU: rough there, the
 allocator keeps freed pages), expert-parameter bytes per rank, bytes autograd saves for backward
 per step (tools.bench_counters.SavedActivationCounter: device-independent), and bytes per step
@@ -347,9 +348,10 @@ def _gather(obj: Any) -> list[Any]:
     return parts
 
 
-def combine(per_rank: list[dict[str, Any]], subject_info: dict[str, Any], world: int,
-            ceiling: float) -> dict[str, Any]:
-    """Rank results -> one row: the slowest rank's medians, the largest per-rank bytes."""
+def combine(per_rank: list[dict[str, Any]], subject_info: dict[str, Any], world: int
+            ) -> dict[str, Any]:
+    """Rank results -> one row: the slowest rank's medians, the largest per-rank bytes (MFU is
+    filled in once the run's ceiling is known)."""
     ms = {k: (max(r["ms"][k] for r in per_rank) if per_rank[0]["ms"][k] is not None else None)
           for k in per_rank[0]["ms"]}
     step_s = ms["step"] / 1e3
@@ -360,7 +362,7 @@ def combine(per_rank: list[dict[str, Any]], subject_info: dict[str, Any], world:
         "ms": ms,
         "tokens_per_s": subject_info["tokens"] / step_s,
         "tflops_per_rank": tflops,
-        "mfu": tflops * 1e12 / ceiling,
+        "mfu": None,
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
         "expert_param_bytes": max(r["expert_param_bytes"] for r in per_rank),
         "saved_activation_bytes": max(r["saved_activation_bytes"] for r in per_rank),
@@ -370,8 +372,8 @@ def combine(per_rank: list[dict[str, Any]], subject_info: dict[str, Any], world:
     }
 
 
-def run_variant(name: str, base: Config, runtime_for: Callable[[Config], Any], args: Any,
-                ceiling: float) -> dict[str, Any]:
+def run_variant(name: str, base: Config, runtime_for: Callable[[Config], Any], args: Any
+                ) -> dict[str, Any]:
     from megatron_uni.config import apply_overrides  # noqa: PLC0415
 
     spec = parse_variant(name)
@@ -390,7 +392,7 @@ def run_variant(name: str, base: Config, runtime_for: Callable[[Config], Any], a
     result = measure(subject, runtime.device, args.warmup, args.steps)
     info = {"variant": name, "tokens": subject.tokens, "flops": subject.flops,
             "note": subject.note}
-    row = combine(_gather(result), info, runtime.world_size, ceiling)
+    row = combine(_gather(result), info, runtime.world_size)
     del subject
     gc.collect()
     return row
@@ -482,13 +484,16 @@ def run(cfg: Config, args: Any, command: str) -> dict[str, Any]:
     precision = resolved_precision(cfg, runtime.use_cpu)
     tokens = args.rows * args.seq_len
     shape = (tokens, cfg.model.hidden_size, cfg.model.ffn_hidden_size)
-    ceiling = min(_gather(matmul_ceiling(*shape, torch_dtype(precision), runtime.device)))
+    dtype = torch_dtype(precision)
+    # The ceiling is measured before and after the variants and the better one kept: a shared
+    # machine's load changes during a run, and the ceiling must not be the unlucky moment.
+    first_ceiling = matmul_ceiling(*shape, dtype, runtime.device)
     device_name = (torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda"
                    else "CPU")
     rows: list[dict[str, Any]] = []
     for name in args.variants:
         try:
-            row = run_variant(name, cfg, initialize, args, ceiling)
+            row = run_variant(name, cfg, initialize, args)
         except (ConfigError, RuntimeError, ValueError, ImportError, AssertionError) as err:
             # every rank builds the same thing, so every rank fails alike: skip, say why
             row = {"variant": name, "skipped": f"{type(err).__name__}: {str(err)[:200]}"}
@@ -496,6 +501,10 @@ def run(cfg: Config, args: Any, command: str) -> dict[str, Any]:
         if runtime.is_main:
             print(f"[bench_step] {name}: " + (f"{row['ms']['step']:.1f} ms/step" if "ms" in row
                                               else row["skipped"]), flush=True)
+    ceiling = min(_gather(max(first_ceiling, matmul_ceiling(*shape, dtype, runtime.device))))
+    for row in rows:
+        if "ms" in row:
+            row["mfu"] = row["tflops_per_rank"] * 1e12 / ceiling
     return {
         "command": command, "device": device_name, "world_size": runtime.world_size,
         "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep,
