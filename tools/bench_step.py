@@ -11,11 +11,11 @@ batch built before timing (data loading is ``tools.bench_loader``'s business); e
 rank 0 prints. Per variant: median ms per step and per phase (forward / backward / optimizer,
 measured where the forward's end is visible: one pipeline stage; "-" otherwise), tokens/s,
 model TFLOP/s per rank (megatron_uni.training.metrics.step_flops: active experts only) and MFU
-against a dense matmul ([tokens, hidden] x [hidden, ffn]) measured before and after the variants
-(the better of the two) on the same device in the run's
-precision, peak memory per rank (allocated on GPU, RSS high-water on CPU: rough there, the
-allocator keeps freed pages), expert-parameter bytes per rank, bytes autograd saves for backward
-per step (tools.bench_counters.SavedActivationCounter: device-independent), and bytes per step
+against a dense [tokens, hidden] x [hidden, ffn] matmul in the run's precision on the same
+device (measured before and after the variants; the better one counts), peak memory per rank
+(allocated on GPU, RSS high-water on CPU: rough there, the allocator keeps freed pages),
+expert-parameter bytes per rank, bytes autograd saves for backward per step
+(tools.bench_counters.SavedActivationCounter: device-independent), and bytes per step
 and rank by collective kind (tools.bench_counters.CollectiveCounter; groups of one rank move
 nothing and are not counted). ``vs first`` is the ratio of forward+backward ms to the first
 variant's, ``vs own dense`` to the variant's own dense baseline (ours: dense; megatron-core:
