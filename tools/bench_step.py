@@ -22,7 +22,7 @@ variant's, ``vs own dense`` to the variant's own dense baseline (ours: dense; me
 mcore-dense; ref-merged, deepspeed-moe: ref-dense), ``step vs first`` of the whole step's.
 
 Variants (``--variants``, comma-separated; default: all below):
-  dense                our model, moe.num_experts=0, same width
+  dense                our model, moe.num_experts=0 (and parallel.ep=1), same width
   ROUTER-EXECUTION     our MoE: ROUTER in attr|attribute|token|context|modality|task,
                        EXECUTION in grouped|dispatch|auto (attr-grouped, token-dispatch, ...)
   mcore-dense          megatron-core's GPTModel, local spec, same hidden/layers/heads/ffn,
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import statistics
 import sys
@@ -56,6 +55,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from megatron_uni.config import Config, ConfigError, load_config
+from tools.bench_report import text_table, write_outputs
 from tools.bench_counters import (
     CollectiveCounter,
     SavedActivationCounter,
@@ -74,8 +74,6 @@ DEFAULT_VARIANTS = (
 ROUTERS = {"attr": "attribute", "attribute": "attribute", "token": "token",
            "context": "context", "modality": "modality", "task": "task"}
 EXECUTIONS = ("grouped", "dispatch", "auto")
-OWN_DENSE = {"mcore-moe": "mcore-dense", "ref-merged": "ref-dense",
-             "deepspeed-moe": "ref-dense", "mcore-dense": None, "ref-dense": None}
 
 
 @dataclass
@@ -398,85 +396,13 @@ def run_variant(name: str, base: Config, runtime_for: Callable[[Config], Any], a
     return row
 
 
-# ---------------------------------------------------------------------------- reporting
-
-
-def _fmt_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _mib(value: int) -> str:
-    return f"{value / 2**20:.1f}"
-
-
-def _comm(kinds: dict[str, int]) -> str:
-    short = {"all_reduce": "ar", "all_gather_into_tensor": "ag", "all_gather": "ag(list)",
-             "reduce_scatter_tensor": "rs", "all_to_all_single": "a2a", "all_to_all": "a2a(list)",
-             "broadcast": "bc", "send": "send", "recv": "recv"}
-    parts = [f"{short.get(k, k)} {v / 1e6:.2f}" for k, v in kinds.items() if v]
-    return " / ".join(parts) if parts else "0"
-
-
-COLUMNS = ("variant", "ms/step", "fwd+bwd", "fwd", "bwd", "opt", "tokens/s", "TFLOP/s/rank",
-           "MFU", "peak mem MiB", "expert MiB", "saved act MiB", "comm MB/step", "vs first",
-           "vs own dense", "step vs first", "note")
-
-
-def _ratio(row: dict[str, Any], base: dict[str, Any] | None, key: str) -> str:
-    if base is None or base is row:
-        return "-"
-    return f"{row['ms'][key] / base['ms'][key]:.2f}"
-
-
-def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Ratios ``vs first`` / ``vs own dense`` compare forward+backward (the optimizer step is
-    beside the point of an MoE comparison and is shown on its own); ``step vs first`` the
-    whole step."""
-    by_name = {r["variant"]: r for r in rows if "ms" in r}
-    first = next((r for r in rows if "ms" in r), None)
-    out = []
-    for r in rows:
-        if "ms" not in r:
-            out.append([r["variant"], *["-"] * (len(COLUMNS) - 2), "skipped: " + r["skipped"]])
-            continue
-        own_name = OWN_DENSE.get(r["variant"], "dense")
-        own = by_name.get(own_name) if own_name else None
-        ms = r["ms"]
-        out.append([
-            r["variant"], _fmt_ms(ms["step"]), _fmt_ms(ms["fwd_bwd"]), _fmt_ms(ms["forward"]),
-            _fmt_ms(ms["backward"]), _fmt_ms(ms["optimizer"]),
-            f"{r['tokens_per_s']:,.0f}", f"{r['tflops_per_rank']:.4g}", f"{100 * r['mfu']:.1f}%",
-            _mib(r["peak_memory_bytes"]), _mib(r["expert_param_bytes"]),
-            _mib(r["saved_activation_bytes"]), _comm(r["collective_bytes_per_step"]),
-            _ratio(r, first, "fwd_bwd") if r is not first else "1.00",
-            _ratio(r, own, "fwd_bwd"), _ratio(r, first, "step") if r is not first else "1.00",
-            r["note"],
-        ])
-    return out
-
-
-def markdown(report: dict[str, Any]) -> str:
-    head = (f"`{report['command']}`\n\n{report['device']}, world {report['world_size']}, "
-            f"{report['precision']}, {report['threads']} thread(s); batch {report['rows']} x "
-            f"{report['seq_len']} tokens; median of {report['steps']} steps after "
-            f"{report['warmup']} warm-up; matmul ceiling {report['ceiling_tflops']:.4g} TFLOP/s "
-            f"({report['ceiling_shape']}).\n\n")
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report["variants"])]
-    return head + "\n".join(lines) + "\n"
-
-
-def text_table(report: dict[str, Any]) -> str:
-    rows = [list(COLUMNS), *table_rows(report["variants"])]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
 # ---------------------------------------------------------------------------- entry point
 
 
-def run(cfg: Config, args: Any, command: str) -> dict[str, Any]:
-    """Every variant in ``args.variants``, one after another, in this process group."""
+def run(cfg: Config, args: Any, command: str,
+        partial: Callable[[dict[str, Any]], None] = lambda report: None) -> dict[str, Any]:
+    """Every variant in ``args.variants``, one after another, in this process group;
+    ``partial(report)`` after each (rank 0), so a run cut short keeps what it measured."""
     from megatron_uni.config.to_mcore import resolved_precision, torch_dtype  # noqa: PLC0415
     from megatron_uni.parallel.initialize import initialize  # noqa: PLC0415
 
@@ -485,11 +411,31 @@ def run(cfg: Config, args: Any, command: str) -> dict[str, Any]:
     tokens = args.rows * args.seq_len
     shape = (tokens, cfg.model.hidden_size, cfg.model.ffn_hidden_size)
     dtype = torch_dtype(precision)
+    device_name = (torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda"
+                   else "CPU")
+
+    def report(ceiling: float, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        for row in rows:
+            if "ms" in row:
+                row["mfu"] = row["tflops_per_rank"] * 1e12 / ceiling
+        return {
+            "command": command, "device": device_name, "world_size": runtime.world_size,
+            "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep,
+                       "dp": runtime.dp},
+            "precision": precision, "threads": torch.get_num_threads(), "rows": args.rows,
+            "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
+            "ceiling_tflops": ceiling / 1e12, "ceiling_shape": "x".join(map(str, shape)),
+            "model": {"hidden": cfg.model.hidden_size, "layers": cfg.model.num_layers,
+                      "heads": cfg.model.num_attention_heads, "ffn": cfg.model.ffn_hidden_size,
+                      "experts": cfg.moe.num_experts, "topk": cfg.moe.topk,
+                      "moe_layers": cfg.moe.layer_indices(cfg.model.num_layers),
+                      "moe_linears": list(cfg.moe.linears)},
+            "variants": rows, "is_main": runtime.is_main,
+        }
+
     # The ceiling is measured before and after the variants and the better one kept: a shared
     # machine's load changes during a run, and the ceiling must not be the unlucky moment.
     first_ceiling = matmul_ceiling(*shape, dtype, runtime.device)
-    device_name = (torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda"
-                   else "CPU")
     rows: list[dict[str, Any]] = []
     for name in args.variants:
         try:
@@ -501,24 +447,9 @@ def run(cfg: Config, args: Any, command: str) -> dict[str, Any]:
         if runtime.is_main:
             print(f"[bench_step] {name}: " + (f"{row['ms']['step']:.1f} ms/step" if "ms" in row
                                               else row["skipped"]), flush=True)
+            partial(report(first_ceiling, rows))
     ceiling = min(_gather(max(first_ceiling, matmul_ceiling(*shape, dtype, runtime.device))))
-    for row in rows:
-        if "ms" in row:
-            row["mfu"] = row["tflops_per_rank"] * 1e12 / ceiling
-    return {
-        "command": command, "device": device_name, "world_size": runtime.world_size,
-        "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep,
-                   "dp": runtime.dp},
-        "precision": precision, "threads": torch.get_num_threads(), "rows": args.rows,
-        "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
-        "ceiling_tflops": ceiling / 1e12, "ceiling_shape": "x".join(map(str, shape)),
-        "model": {"hidden": cfg.model.hidden_size, "layers": cfg.model.num_layers,
-                  "heads": cfg.model.num_attention_heads, "ffn": cfg.model.ffn_hidden_size,
-                  "experts": cfg.moe.num_experts, "topk": cfg.moe.topk,
-                  "moe_layers": cfg.moe.layer_indices(cfg.model.num_layers),
-                  "moe_linears": list(cfg.moe.linears)},
-        "variants": rows, "is_main": runtime.is_main,
-    }
+    return report(ceiling, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -550,17 +481,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.variants:
             parse_variant(name)
         cfg = load_config(args.config, args.overrides)
-        report = run(cfg, args, command)
+        report = run(cfg, args, command, partial=lambda r: write_outputs(r, args))
     except ConfigError as err:
         return report_error(err)
     if report.pop("is_main"):
         print(text_table(report), flush=True)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=1) + "\n")
-        if args.markdown:
-            args.markdown.parent.mkdir(parents=True, exist_ok=True)
-            args.markdown.write_text(markdown(report))
+        write_outputs(report, args)
     shutdown()
     return 0
 

@@ -46,7 +46,11 @@ fi
 "$PY" -c "import megatron.core, megatron_uni; print('gpu_check: megatron-core', megatron.core.__version__)" || exit 2
 
 echo "== (i)+(ii) one step GPU vs CPU (fp32), then bf16 [$(elapsed)]"
-"$PY" -m pytest -q -s -p no:cacheprovider tests/gpu 2>&1 | tee "$OUTDIR/gpu_step.log"
+# time limits keep the whole check under 8 minutes (bench_step rewrites its JSON/Markdown after
+# every variant, so a run cut short keeps its rows)
+LIMIT_TEST=120 LIMIT_BASE=130 LIMIT_LARGE=190
+[ $DRY = 1 ] && LIMIT_TEST=300 LIMIT_BASE=300
+timeout $LIMIT_TEST "$PY" -m pytest -q -s -p no:cacheprovider tests/gpu 2>&1 | tee "$OUTDIR/gpu_step.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 VARIANTS=dense,attr-grouped,attr-dispatch,token-dispatch,mcore-dense,mcore-moe,ref-dense,ref-merged
@@ -65,8 +69,9 @@ fi
 for item in $SIZES; do
   name=${item%%:*}; config=${item#*:}
   echo "== (iii) bench_step MoE-$name [$(elapsed)]"
+  limit=$LIMIT_BASE; [ "$name" = large ] && limit=$LIMIT_LARGE
   # shellcheck disable=SC2086
-  "$PY" -m tools.bench_step --config "$config" --variants $VARIANTS $SHAPE \
+  timeout $limit "$PY" -m tools.bench_step --config "$config" --variants $VARIANTS $SHAPE \
       --json "$OUTDIR/bench_$name.json" --markdown "$OUTDIR/bench_$name.md" $MOE $TINY \
       2>&1 | tee "$OUTDIR/bench_$name.log"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1

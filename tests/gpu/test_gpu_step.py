@@ -6,7 +6,7 @@ same model on the GPU and loads them; both run one step of megatron's schedule o
 captioning micro-batch. Compared: the loss (relative 1e-4) and every parameter's gradient
 (largest |difference| <= 1e-3 x the tensor's largest |entry|; fp32 with TF32 off, cuBLAS and the
 CPU still sum in other orders). Then the same step in bf16 on the GPU: loss and gradients finite,
-loss within 5 % of fp32, the cosine of all gradients (one vector) to the fp32 ones >= 0.95 (seen 0.96-0.97 in
+loss within 5 % of fp32, the cosine of all gradients (one vector) to the fp32 ones >= 0.9 (seen 0.956-0.968 in
 the CPU dry run, whose bf16 is emulated).
 
 ``MEGATRON_UNI_GPU_DRY_RUN=1`` runs the "GPU" side on the CPU (tools/gpu_check.sh --cpu-dry-run):
@@ -64,6 +64,9 @@ def _step(rank: int, world: int, device: str, precision: str, execution: str, we
         batch = batch.to(runtime.device)
     for chunk in chunks:
         chunk.zero_grad_buffer()
+    # The same CPU RNG state on both sides at the forward (image tokens draw a random temporal
+    # offset in training): building on the GPU draws from the CPU generator less than on the CPU.
+    torch.manual_seed(1234)
     loss = reduce_metrics(forward_backward(chunks, [batch]))["loss"]
     grads = {name: p.main_grad.detach().float().cpu().clone()
              for name, p in model.named_parameters() if getattr(p, "main_grad", None) is not None}
@@ -101,6 +104,6 @@ def test_gpu_step_matches_cpu_then_bf16_is_close(tmp_path: Path, execution: str)
     flat32 = torch.cat([g.flatten() for g in gpu.values()])
     flat16 = torch.cat([bf16[n].flatten() for n in gpu])
     cosine = torch.nn.functional.cosine_similarity(flat32, flat16, dim=0).item()
-    assert cosine >= 0.95, cosine
+    assert cosine >= 0.9, cosine
     print(f"[gpu_check] {execution}: loss cpu {cpu_loss:.6f} {DEVICE} {gpu_loss:.6f} "
           f"bf16 {bf16_loss:.6f}; grad cosine bf16 vs fp32 {cosine:.5f}")

@@ -88,7 +88,7 @@ def _bench(rank: int, world: int, out: str, variants: str, extra: list[str]) -> 
 
 
 def _check_report(out: Path, variants: list[str]) -> dict:
-    from tools.bench_step import COLUMNS
+    from tools.bench_report import COLUMNS
 
     report = json.loads((out / "b.json").read_text())
     assert [r["variant"] for r in report["variants"]] == variants
