@@ -1,4 +1,6 @@
-"""Markers: `gpu` tests skip without CUDA; `slow` tests skip unless --run-slow is given.
+"""Markers: `gpu` tests skip without CUDA (unless MEGATRON_UNI_GPU_DRY_RUN=1: they then run
+their "GPU" side on the CPU, tools/gpu_check.sh --cpu-dry-run); `slow` tests skip unless
+--run-slow is given.
 Fixture: ``demo_root``, a small demo dataset written once per session (read-only for tests)."""
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import os
+
     import torch
 
-    has_cuda = torch.cuda.is_available()
+    has_cuda = torch.cuda.is_available() or os.environ.get("MEGATRON_UNI_GPU_DRY_RUN") == "1"
     run_slow = config.getoption("--run-slow")
     for item in items:
         if "gpu" in item.keywords and not has_cuda:

@@ -32,8 +32,12 @@ from megatron_uni.train import report_error
 log = logging.getLogger("tools.mcore_smoke")
 
 
-def build_gpt_moe(cfg: Config, runtime: Runtime, share_embeddings: bool = False) -> Any:
-    """megatron-core's GPTModel with MoE on every layer (local spec, our SP-capable LayerNorm)."""
+def build_gpt_moe(
+    cfg: Config, runtime: Runtime, share_embeddings: bool = False, follow_moe_layers: bool = False
+) -> Any:
+    """megatron-core's GPTModel (local spec, our SP-capable LayerNorm): MoE on every layer, or,
+    with ``follow_moe_layers``, on ``moe.layers`` only (dense MLPs elsewhere; the benchmark's
+    like-for-like baseline). ``moe.num_experts=0`` gives the dense GPT."""
     from megatron.core import parallel_state  # noqa: PLC0415
     from megatron.core.models.gpt import GPTModel  # noqa: PLC0415
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: PLC0415
@@ -41,16 +45,30 @@ def build_gpt_moe(cfg: Config, runtime: Runtime, share_embeddings: bool = False)
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
+    from megatron.core.transformer.transformer_layer import (  # noqa: PLC0415
+        get_transformer_layer_offset,
+    )
 
     from megatron_uni.models.norm import LayerNorm  # noqa: PLC0415
 
     config = transformer_config(cfg, use_cpu=runtime.use_cpu, add_bias_linear=False)
     num_experts = cfg.moe.num_experts or None
-    layer = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False)
-    layer.submodules.input_layernorm = LayerNorm
-    layer.submodules.pre_mlp_layernorm = LayerNorm
+
+    def local_spec(experts: int | None) -> Any:
+        layer = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False)
+        layer.submodules.input_layernorm = LayerNorm
+        layer.submodules.pre_mlp_layernorm = LayerNorm
+        return layer
+
+    moe_spec, dense_spec = local_spec(num_experts), local_spec(None)
+    offset = get_transformer_layer_offset(config)
+    moe_layers = set(cfg.moe.layer_indices(cfg.model.num_layers)) if follow_moe_layers else None
     block = TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=LayerNorm
+        layer_specs=[
+            moe_spec if moe_layers is None or offset + i in moe_layers else dense_spec
+            for i in range(get_num_layers_to_build(config))
+        ],
+        layer_norm=LayerNorm,
     )
     return GPTModel(
         config=config,
@@ -84,9 +102,12 @@ def synthetic_batches(
     return batches
 
 
-def _causal_mask(seq_len: int) -> torch.Tensor:
-    # megatron's convention: True marks a position that may NOT be attended.
-    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool), diagonal=1)
+def _causal_mask(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    # megatron's convention: True marks a position that may NOT be attended. Built on the
+    # batch's device: a CPU mask would meet GPU activations.
+    return torch.triu(
+        torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1
+    )
 
 
 def forward_step(batch_iter: Iterator[dict[str, torch.Tensor]], model: Any) -> tuple[Any, Callable]:
@@ -94,7 +115,10 @@ def forward_step(batch_iter: Iterator[dict[str, torch.Tensor]], model: Any) -> t
     batch = next(batch_iter)
     seq_len = batch["tokens"].shape[1]
     per_token = model(
-        batch["tokens"], batch["position_ids"], _causal_mask(seq_len), labels=batch["labels"]
+        batch["tokens"],
+        batch["position_ids"],
+        _causal_mask(seq_len, batch["tokens"].device),
+        labels=batch["labels"],
     )
 
     def loss_func(output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -140,7 +164,7 @@ def mean_over_last_stage(losses: list[float]) -> float:
     return float(value[0] / value[1])
 
 
-def _wrap_ddp(model: Any, cfg: Config) -> Any:
+def wrap_ddp(model: Any, cfg: Config) -> Any:
     from megatron.core.distributed import (  # noqa: PLC0415
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -182,7 +206,7 @@ def run(cfg: Config, seq_len: int, num_microbatches: int, out_dir: Path) -> dict
     dp_rank = parallel_state.get_data_parallel_rank()
     mbs = cfg.train.micro_batch_size
     model = build_gpt_moe(cfg, runtime)
-    ddp = _wrap_ddp(model, cfg)
+    ddp = wrap_ddp(model, cfg)
     optimizer = _optimizer(ddp, cfg, runtime)
 
     def batches_for(step: int) -> list[dict[str, torch.Tensor]]:

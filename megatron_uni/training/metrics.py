@@ -25,19 +25,21 @@ log = logging.getLogger(__name__)
 def step_flops(cfg: Config, tokens: int, seq_len: int) -> float:
     """Model FLOPs of one training step (forward + backward = 3 x forward), active experts only.
 
-    Linear maps: 2 FLOPs per weight per token; experts count ``topk`` times. Attention scores
-    and weighted sums: 4 * S * h per token and layer (rows are packed, so S is the row length).
+    Linear maps: 2 FLOPs per weight per token (qkv 3h^2, out h^2, fc1 and fc2 h*f each); an
+    expert linear of an MoE layer counts ``topk`` times (the chosen experts only, never E).
+    Attention scores and weighted sums: 4 * S * h per token and layer (rows are packed, so S is
+    the row length). Routers, norms, embeddings and the head are left out.
     """
     m, moe = cfg.model, cfg.moe
     h, f, layers = m.hidden_size, m.ffn_hidden_size, m.num_layers
-    attn, mlp = 4 * h * h, 2 * h * f  # qkv + out, fc1 + fc2
+    weights = {"qkv": 3 * h * h, "out": h * h, "fc1": h * f, "fc2": h * f}
     moe_layers = set(moe.layer_indices(layers)) if moe.enabled else set()
     per_token = 0.0
     for layer in range(layers):
-        k = moe.topk if layer in moe_layers else 1
-        a = attn * (k if {"qkv", "out"} & set(moe.linears) and layer in moe_layers else 1)
-        p = mlp * (k if {"fc1", "fc2"} & set(moe.linears) and layer in moe_layers else 1)
-        per_token += 2 * (a + p) + 4 * seq_len * h
+        for name, size in weights.items():
+            k = moe.topk if layer in moe_layers and name in moe.linears else 1
+            per_token += 2 * size * k
+        per_token += 4 * seq_len * h
     return 3.0 * per_token * tokens
 
 

@@ -55,10 +55,10 @@ def _cfg(tp: int, pp: int, ep: int, etp: int | None = None):
 def _run_global_batch(cfg, runtime):
     from megatron.core import parallel_state
 
-    from tools.mcore_smoke import _wrap_ddp, build_gpt_moe, synthetic_batches
+    from tools.mcore_smoke import wrap_ddp, build_gpt_moe, synthetic_batches
 
     model = build_gpt_moe(cfg, runtime)
-    return model, _wrap_ddp(model, cfg), synthetic_batches(
+    return model, wrap_ddp(model, cfg), synthetic_batches(
         NUM_MICROBATCHES, MICRO_BATCH, SEQ_LEN, cfg.model.vocab_size, seed=7
     ), parallel_state.get_data_parallel_rank()
 

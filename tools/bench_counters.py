@@ -1,0 +1,220 @@
+"""What ``tools.bench_step`` counts besides time: collective bytes, saved activations, peak
+memory, and the matmul ceiling that MFU is measured against.
+
+Every counter is device-independent except the ceiling and the memory high-water mark:
+
+    with CollectiveCounter() as comm:          # torch.distributed calls -> bytes per kind
+        step()
+    comm.bytes   # {"all_reduce": 4096, "all_gather_into_tensor": ...}
+
+    with SavedActivationCounter(model.parameters()) as saved:   # autograd's saved tensors
+        loss = model(x); loss.backward()
+    saved.bytes  # each storage once, parameters excluded
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+def _nbytes(t: Any) -> int:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    if isinstance(t, (list, tuple)):
+        return sum(_nbytes(x) for x in t)
+    return 0
+
+
+def _arg(args: tuple, kwargs: dict, name: str, position: int) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+# kind -> (argument holding the bytes, its position, position of the group argument). One
+# call's bytes per rank: the larger buffer of the call (the gathered output of a gather, the
+# full input of a reduce-scatter or all-to-all, the tensor otherwise).
+_KINDS: dict[str, tuple[str, int, int]] = {
+    "all_reduce": ("tensor", 0, 2),
+    "broadcast": ("tensor", 0, 2),
+    "send": ("tensor", 0, 2),
+    "recv": ("tensor", 0, 2),
+    "all_gather": ("tensor_list", 0, 2),
+    "all_gather_into_tensor": ("output_tensor", 0, 2),
+    "reduce_scatter_tensor": ("input", 1, 3),
+    "all_to_all_single": ("input", 1, 4),
+    "all_to_all": ("input_tensor_list", 1, 2),
+}
+
+
+def _group_size(group: Any) -> int:
+    try:
+        return dist.get_world_size(group=group)
+    except (RuntimeError, ValueError):
+        return 1
+
+
+# megatron-core binds these at import time under its own names (param_and_grad_buffer.py):
+# the DDP gradient reduce-scatter and the distributed optimizer's parameter all-gather.
+_ALIASES = (
+    ("megatron.core.distributed.param_and_grad_buffer", "dist_all_gather_func",
+     "all_gather_into_tensor"),
+    ("megatron.core.distributed.param_and_grad_buffer", "dist_reduce_scatter_func",
+     "reduce_scatter_tensor"),
+)
+
+
+class CollectiveCounter:
+    """Sums the tensor bytes of torch.distributed collectives called inside the ``with``.
+
+    Only groups of more than one rank count. Wraps the module functions of ``torch.distributed`` (what megatron-core and our code call)
+    and megatron's import-time aliases. Not counted: ``isend``/``irecv`` (``P2POp`` refuses
+    wrapped functions; ``batch_isend_irecv`` is counted as send/recv instead), collectives issued
+    from C++ or through ``torch.distributed._functional_collectives``.
+    """
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def _add(self, kind: str, n: int) -> None:
+        self.bytes[kind] = self.bytes.get(kind, 0) + n
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+
+    def _wrap(self, kind: str, fn: Callable) -> Callable:
+        name, position, group_position = _KINDS[kind]
+
+        @functools.wraps(fn)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            # a group of one rank moves nothing (megatron calls collectives on such groups)
+            if _group_size(_arg(args, kwargs, "group", group_position)) > 1:
+                self._add(kind, _nbytes(_arg(args, kwargs, name, position)))
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def _wrap_batch_p2p(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def counted(p2p_op_list: list, *args: Any, **kwargs: Any) -> Any:
+            for op in p2p_op_list:  # P2POp(op, tensor, peer, group)
+                kind = "send" if getattr(op.op, "__name__", "") == "isend" else "recv"
+                self._add(kind, _nbytes(op.tensor))
+            return fn(p2p_op_list, *args, **kwargs)
+
+        return counted
+
+    def _patch(self, owner: Any, name: str, new: Any) -> None:
+        self._saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, new)
+
+    def __enter__(self) -> "CollectiveCounter":
+        import importlib  # noqa: PLC0415
+
+        for kind in _KINDS:
+            if hasattr(dist, kind):
+                self._patch(dist, kind, self._wrap(kind, getattr(dist, kind)))
+        self._patch(dist, "batch_isend_irecv", self._wrap_batch_p2p(dist.batch_isend_irecv))
+        for module_name, attr, kind in _ALIASES:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            if hasattr(module, attr):
+                self._patch(module, attr, self._wrap(kind, getattr(module, attr)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, name, old in reversed(self._saved):
+            setattr(owner, name, old)
+        self._saved.clear()
+
+
+class SavedActivationCounter:
+    """Bytes autograd saves for backward inside the ``with`` (``saved_tensors_hooks``).
+
+    Each storage counts once at its full size (views of one buffer are one buffer); storages of
+    ``exclude`` (the parameters, and the DDP buffers they live in) do not count: they are
+    weights, not activations.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self._excluded = {p.untyped_storage().data_ptr() for p in exclude}
+        self._seen: set[tuple[str, int]] = set()
+        self.bytes = 0
+        self.tensors = 0
+        self._hooks: Any = None
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        key = (str(t.device), ptr)
+        if ptr not in self._excluded and key not in self._seen:
+            self._seen.add(key)
+            self.bytes += storage.nbytes()
+            self.tensors += 1
+        return t
+
+    def __enter__(self) -> "SavedActivationCounter":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark: the allocator's on GPU, the process RSS (VmHWM) on Linux."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets the peak resident set size (proc(5), /proc/pid/clear_refs)
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated bytes on GPU; the RSS high-water mark (VmHWM) of this process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # noqa: PLC0415
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def matmul_ceiling(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device,
+                   repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` dense ``[m, k] @ [k, n]`` matmuls (after one warm-up)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
+    reps = 20 if device.type == "cuda" else 1
+    best = float("inf")
+    for i in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        synchronize(device)
+        if i:  # the first is the warm-up
+            best = min(best, (time.perf_counter() - start) / reps)
+    return 2.0 * m * k * n / best

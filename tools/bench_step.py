@@ -1,0 +1,495 @@
+"""Training-step benchmark: our model's dense and MoE paths beside megatron-core's GPT, the
+reference's merged-weight MoE and DeepSpeed-MoE, on any device and layout, in one run.
+
+    python -m tools.bench_step --config configs/runs/bench_cpu.yaml --threads 1 \\
+        --json bench.json --markdown bench.md [--variants dense,attr-grouped] [key=value ...]
+    torchrun --nproc-per-node 4 -m tools.bench_step --config configs/runs/bench_ep.yaml \\
+        --variants attr-grouped,attr-dispatch,attr-auto parallel.ep=4
+
+Warm-up, then ``--steps`` timed training steps (zero grads, megatron's schedule, optimizer) on a
+batch built before timing (data loading is ``tools.bench_loader``'s business); every rank runs,
+rank 0 prints. Per variant: median ms per step and per phase (forward / backward / optimizer,
+measured where the forward's end is visible: one pipeline stage; "-" otherwise), tokens/s,
+model TFLOP/s per rank (megatron_uni.training.metrics.step_flops: active experts only) and MFU
+against a dense [tokens, hidden] x [hidden, ffn] matmul in the run's precision on the same
+device (measured before and after the variants; the better one counts), peak memory per rank
+(allocated on GPU, RSS high-water on CPU: rough there, the allocator keeps freed pages),
+expert-parameter bytes per rank, bytes autograd saves for backward per step
+(tools.bench_counters.SavedActivationCounter: device-independent), and bytes per step
+and rank by collective kind (tools.bench_counters.CollectiveCounter; groups of one rank move
+nothing and are not counted). ``vs first`` is the ratio of forward+backward ms to the first
+variant's, ``vs own dense`` to the variant's own dense baseline (ours: dense; megatron-core:
+mcore-dense; ref-merged, deepspeed-moe: ref-dense), ``step vs first`` of the whole step's.
+
+Variants (``--variants``, comma-separated; default: all below):
+  dense                our model, moe.num_experts=0 (and parallel.ep=1), same width
+  ROUTER-EXECUTION     our MoE: ROUTER in attr|attribute|token|context|modality|task,
+                       EXECUTION in grouped|dispatch|auto (attr-grouped, token-dispatch, ...)
+  mcore-dense          megatron-core's GPTModel, local spec, same hidden/layers/heads/ffn,
+                       micro-batch = the batch's rows, sequence = its row length; vocabulary
+                       --gpt-vocab (the logits are counted in its FLOPs)
+  mcore-moe            the same with moe.num_experts experts top-moe.topk on the fc1/fc2 of
+                       moe.layers (megatron's MoE has no attention experts)
+  ref-dense            a plain-torch pre-LN encoder of the same shape (tools.bench_baselines)
+  ref-merged           the same with the reference's per-sample merged-weight MoE linears
+                       (W = sum of the k chosen g_j * W_j per sample, one bmm), qkv/out/fc1/fc2
+  deepspeed-moe        the same with deepspeed.moe.layer.MoE as FFN (skipped, with the
+                       reason, where deepspeed does not import or run)
+
+The batch: one captioning micro-batch of --rows x --seq-len tokens at model.image_size /
+model.patch_size (one image + caption per input row, the vocabulary targets fill the rest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from megatron_uni.config import Config, ConfigError, load_config
+from tools.bench_report import text_table, write_outputs
+from tools.bench_counters import (
+    CollectiveCounter,
+    SavedActivationCounter,
+    matmul_ceiling,
+    peak_memory_bytes,
+    reset_peak_memory,
+    synchronize,
+)
+
+log = logging.getLogger("tools.bench_step")
+
+DEFAULT_VARIANTS = (
+    "dense", "attr-grouped", "attr-dispatch", "attr-auto", "token-dispatch",
+    "mcore-dense", "mcore-moe", "ref-dense", "ref-merged", "deepspeed-moe",
+)
+ROUTERS = {"attr": "attribute", "attribute": "attribute", "token": "token",
+           "context": "context", "modality": "modality", "task": "task"}
+EXECUTIONS = ("grouped", "dispatch", "auto")
+
+
+@dataclass
+class Subject:
+    """One built variant: ``step(marks)`` runs a training step and records phase times."""
+
+    step: Callable[[dict[str, float]], None]
+    params: list[torch.Tensor]  # every parameter (excluded from saved activations)
+    expert_bytes: int
+    tokens: int  # tokens of one step over all ranks
+    flops: float  # model FLOPs of one step over all ranks
+    phases: bool  # forward end observable (one pipeline stage)
+    note: str = ""
+    cleanup: Callable[[], None] = field(default=lambda: None)
+
+
+def expert_bytes(named: Sequence[tuple[str, torch.Tensor]]) -> int:
+    """Bytes of expert parameters: marked ``allreduce = False`` (ours always; megatron's and
+    DeepSpeed's under expert parallelism), or named ``experts`` (megatron's at EP=1)."""
+    return sum(p.numel() * p.element_size() for name, p in named
+               if getattr(p, "allreduce", True) is False or ".experts." in f".{name}")
+
+
+# A dense model has no expert-parallel dimension: under an EP layout its baselines run with
+# parallel.ep=1 on the same ranks (data parallel over what were the expert ranks).
+DENSE = ["moe.num_experts=0", "parallel.ep=1"]
+
+
+def parse_variant(name: str) -> dict[str, Any]:
+    """``attr-grouped`` -> {"kind": "ours", "overrides": [...]}, ``mcore-moe`` -> ..."""
+    if name == "dense":
+        return {"kind": "ours", "overrides": DENSE}
+    if name in ("mcore-dense", "mcore-moe", "ref-dense", "ref-merged", "deepspeed-moe"):
+        return {"kind": name.split("-")[0] if name != "deepspeed-moe" else "deepspeed",
+                "moe": name.endswith(("moe", "merged"))}
+    router, _, execution = name.partition("-")
+    if router in ROUTERS and execution in EXECUTIONS:
+        return {"kind": "ours",
+                "overrides": [f"moe.router={ROUTERS[router]}", f"moe.execution={execution}"]}
+    raise ConfigError(
+        f"unknown benchmark variant {name!r}", field="--variants", value=name,
+        fix=f"one of {', '.join(DEFAULT_VARIANTS)}, or ROUTER-EXECUTION with ROUTER in "
+            f"{'|'.join(ROUTERS)} and EXECUTION in {'|'.join(EXECUTIONS)}")
+
+
+# ---------------------------------------------------------------------------- the batch
+
+
+def caption_batch(cfg: Config, rows: int, seq_len: int, seed: int = 0) -> Any:
+    """A captioning PackedBatch of exactly ``rows x seq_len``: one image + caption per input row
+    (captions as long as the row allows), the vocabulary targets (2 tokens each) after them."""
+    from megatron_uni.batch import VOCAB_SIZE  # noqa: PLC0415
+    from megatron_uni.data import tasks  # noqa: PLC0415
+
+    m = cfg.model
+    patches = (m.image_size // m.patch_size) ** 2
+    caption = (seq_len - 1 - patches) // 2
+    if caption < 1:
+        raise ConfigError(
+            f"a row of {seq_len} tokens holds no image of {patches} patches plus a caption",
+            field="--seq-len", value=seq_len, fix=f"at least {patches + 3}, or a smaller image")
+    inputs = max(1, rows * 8 // 9)
+    vocab_size = max(1, (rows - inputs) * (seq_len // 2))
+    gen = torch.Generator().manual_seed(seed)
+    vocab = torch.randperm(VOCAB_SIZE - 3, generator=gen)[:vocab_size].tolist()
+    images = torch.randn(inputs, 1, 3, m.image_size, m.image_size, generator=gen)
+    captions = [[vocab[int(i)] for i in torch.randint(0, vocab_size, (caption,), generator=gen)]
+                for _ in range(inputs)]
+    return tasks.captioning_batch(images, captions, vocab, patch_size=m.patch_size,
+                                  seq_len=seq_len, max_caption_len=caption, num_rows=rows)
+
+
+# ---------------------------------------------------------------------------- builders
+
+
+def _now(device: torch.device) -> float:
+    synchronize(device)
+    return time.perf_counter()
+
+
+def build_ours(cfg: Config, runtime: Any, rows: int, seq_len: int) -> Subject:
+    """Our model through the trainer's builders and megatron's schedule (training/step.py)."""
+    from megatron_uni.config.to_mcore import resolved_precision  # noqa: PLC0415
+    from megatron_uni.training.loop import build_model_chunks  # noqa: PLC0415
+    from megatron_uni.training.metrics import step_flops  # noqa: PLC0415
+    from megatron_uni.training.optimizer import build_optimizer  # noqa: PLC0415
+    from megatron_uni.training.step import forward_backward, unwrap  # noqa: PLC0415
+
+    chunks, model = build_model_chunks(cfg, runtime)
+    optimizer = build_optimizer(cfg, chunks, runtime.use_cpu,
+                                resolved_precision(cfg, runtime.use_cpu))
+    batch = caption_batch(cfg, rows, seq_len, cfg.train.seed)
+    if not runtime.use_cpu:
+        batch = batch.to(runtime.device)
+    marks: dict[str, float] = {}
+    if getattr(model, "head", None) is not None:  # the last module of the forward
+        model.head.register_forward_hook(lambda *_: marks.__setitem__("forward",
+                                                                      _now(runtime.device)))
+
+    def step(out: dict[str, float]) -> None:
+        marks.clear()
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = getattr(getattr(unwrap(chunks[0]), "routing", None), "losses", None)
+        if hasattr(losses, "clear"):
+            losses.clear()
+        forward_backward(chunks, [batch])
+        out["backward"] = _now(runtime.device)
+        optimizer.step()
+        out.update({k: v for k, v in marks.items()})
+
+    named = [item for c in chunks for item in c.named_parameters()]
+    tokens = int((batch.seq_id >= 0).sum()) * runtime.dp
+    return Subject(step, [p for _, p in named], expert_bytes(named), tokens,
+                   step_flops(cfg, tokens, seq_len), phases=runtime.pp == 1)
+
+
+def _gpt_flops(cfg: Config, tokens: int, seq_len: int, moe: bool, vocab: int) -> float:
+    from megatron_uni.config import apply_overrides  # noqa: PLC0415
+    from megatron_uni.training.metrics import step_flops  # noqa: PLC0415
+
+    gpt = apply_overrides(cfg, ["moe.linears=[fc1,fc2]"] if moe else DENSE)
+    return step_flops(gpt, tokens, seq_len) + 3.0 * 2 * cfg.model.hidden_size * vocab * tokens
+
+
+def build_mcore(cfg: Config, runtime: Any, rows: int, seq_len: int, moe: bool,
+                vocab: int) -> Subject:
+    """megatron-core's stock GPTModel (tools.mcore_smoke's builder, local spec, no TE)."""
+    from megatron.core.transformer.module import Float16Module  # noqa: PLC0415
+
+    from megatron_uni.config import apply_overrides  # noqa: PLC0415
+    from megatron_uni.config.to_mcore import resolved_precision  # noqa: PLC0415
+    from megatron_uni.training.optimizer import build_optimizer  # noqa: PLC0415
+    from tools.mcore_smoke import build_gpt_moe, forward_backward, synthetic_batches, wrap_ddp  # noqa: PLC0415
+
+    gcfg = apply_overrides(cfg, [f"model.vocab_size={vocab}",
+                                 f"model.max_text_positions={max(seq_len, cfg.model.max_text_positions)}",
+                                 *([] if moe else DENSE)])
+    model = build_gpt_moe(gcfg, runtime, follow_moe_layers=True)
+    if not runtime.use_cpu:
+        model.cuda(torch.cuda.current_device())
+    module = Float16Module(model.config, model) if model.config.bf16 or model.config.fp16 else model
+    ddp = wrap_ddp(module, gcfg)
+    optimizer = build_optimizer(gcfg, [ddp], runtime.use_cpu,
+                                resolved_precision(gcfg, runtime.use_cpu))
+    batches = synthetic_batches(1, rows, seq_len, vocab, cfg.train.seed)
+    if not runtime.use_cpu:
+        batches = [{k: v.to(runtime.device) for k, v in b.items()} for b in batches]
+    marks: dict[str, float] = {}
+    model.register_forward_hook(lambda *_: marks.__setitem__("forward", _now(runtime.device)))
+
+    def step(out: dict[str, float]) -> None:
+        marks.clear()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        forward_backward([ddp], batches)
+        out["backward"] = _now(runtime.device)
+        optimizer.step()
+        out.update(marks)
+
+    named = list(ddp.named_parameters())
+    tokens = rows * seq_len * runtime.dp
+    note = "experts on fc1/fc2 only" if moe else ""
+    return Subject(step, [p for _, p in named], expert_bytes(named), tokens,
+                   _gpt_flops(gcfg, tokens, seq_len, moe, vocab), phases=runtime.pp == 1,
+                   note=note)
+
+
+def build_ref(cfg: Config, runtime: Any, rows: int, seq_len: int, kind: str) -> Subject:
+    """tools.bench_baselines' plain-torch encoder; every rank runs its own copy (no collectives
+    besides DeepSpeed's own), AdamW from torch, autocast for bf16/fp16."""
+    from megatron_uni.config import apply_overrides  # noqa: PLC0415
+    from megatron_uni.config.to_mcore import resolved_precision, torch_dtype  # noqa: PLC0415
+    from megatron_uni.training.metrics import step_flops  # noqa: PLC0415
+    from tools import bench_baselines as bb  # noqa: PLC0415
+
+    m, moe = cfg.model, cfg.moe
+    device = runtime.device
+    if kind == "deepspeed":
+        reason = bb.deepspeed_unavailable()
+        if reason:
+            raise RuntimeError(reason)
+        bb.init_deepspeed_comm(runtime.backend)
+    torch.manual_seed(cfg.train.seed)
+    model = bb.RefEncoder(m.hidden_size, m.num_layers, m.num_attention_heads, m.ffn_hidden_size,
+                          kind, moe.num_experts, moe.topk).to(device)
+    for name, p in model.named_parameters():  # mark experts as megatron and DeepSpeed do
+        if ".weight" in name and name.split(".")[-2] in ("qkv", "out", "fc1", "fc2") \
+                and kind == "merged" and p.dim() == 3:
+            p.allreduce = False
+        if kind == "merged" and name.endswith("bias") and p.dim() == 2:
+            p.allreduce = False
+    precision = resolved_precision(cfg, runtime.use_cpu)
+    dtype = torch_dtype(precision)
+    x, attributes, proj = bb.ref_inputs(rows, seq_len, m.hidden_size, device, torch.float32,
+                                        cfg.train.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay)
+
+    def step(out: dict[str, float]) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
+            loss = (model(x, attributes).float() @ proj).square().mean()
+        out["forward"] = _now(device)
+        loss.backward()
+        out["backward"] = _now(device)
+        optimizer.step()
+
+    if kind == "dense":
+        fcfg = apply_overrides(cfg, DENSE)
+    elif kind == "merged":
+        fcfg = apply_overrides(cfg, ["moe.layers=all", "moe.linears=[qkv,out,fc1,fc2]"])
+    else:
+        fcfg = apply_overrides(cfg, ["moe.layers=all", "moe.linears=[fc1,fc2]"])
+    named = list(model.named_parameters())
+    tokens = rows * seq_len * runtime.world_size
+    notes = {"dense": "plain torch", "merged": "per-sample merge + bmm, every layer",
+             "deepspeed": "DeepSpeed MoE FFN (token top-k), every layer, ep_size 1"}
+    return Subject(step, [p for _, p in named], expert_bytes(named), tokens,
+                   step_flops(fcfg, tokens, seq_len),
+                   phases=True, note=notes[kind])
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def measure(subject: Subject, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
+    """Warm-up, one counted step (saved activations), then ``steps`` timed steps."""
+    for _ in range(warmup):
+        subject.step({})
+    with SavedActivationCounter(subject.params) as saved:
+        subject.step({})
+    reset_peak_memory(device)
+    times: dict[str, list[float]] = {"step": [], "fwd_bwd": [], "forward": [], "backward": [],
+                                     "optimizer": []}
+    with CollectiveCounter() as comm:
+        for _ in range(steps):
+            marks: dict[str, float] = {}
+            start = _now(device)
+            subject.step(marks)
+            end = _now(device)
+            times["step"].append(end - start)
+            times["fwd_bwd"].append(marks["backward"] - start)
+            if subject.phases and "forward" in marks:
+                times["forward"].append(marks["forward"] - start)
+                times["backward"].append(marks["backward"] - marks["forward"])
+                times["optimizer"].append(end - marks["backward"])
+    return {
+        "ms": {k: (None if _median(v) is None else 1e3 * _median(v)) for k, v in times.items()},
+        "ms_all_steps": [1e3 * t for t in times["step"]],
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "expert_param_bytes": subject.expert_bytes,
+        "saved_activation_bytes": saved.bytes,
+        "collective_bytes_per_step": {k: v // max(steps, 1) for k, v in sorted(comm.bytes.items())},
+    }
+
+
+def _gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def combine(per_rank: list[dict[str, Any]], subject_info: dict[str, Any], world: int
+            ) -> dict[str, Any]:
+    """Rank results -> one row: the slowest rank's medians, the largest per-rank bytes (MFU is
+    filled in once the run's ceiling is known)."""
+    ms = {k: (max(r["ms"][k] for r in per_rank) if per_rank[0]["ms"][k] is not None else None)
+          for k in per_rank[0]["ms"]}
+    step_s = ms["step"] / 1e3
+    tflops = subject_info["flops"] / world / step_s / 1e12
+    kinds = sorted({k for r in per_rank for k in r["collective_bytes_per_step"]})
+    return {
+        **subject_info,
+        "ms": ms,
+        "tokens_per_s": subject_info["tokens"] / step_s,
+        "tflops_per_rank": tflops,
+        "mfu": None,
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
+        "expert_param_bytes": max(r["expert_param_bytes"] for r in per_rank),
+        "saved_activation_bytes": max(r["saved_activation_bytes"] for r in per_rank),
+        "collective_bytes_per_step": {
+            k: max(r["collective_bytes_per_step"].get(k, 0) for r in per_rank) for k in kinds},
+        "per_rank": per_rank,
+    }
+
+
+def run_variant(name: str, base: Config, runtime_for: Callable[[Config], Any], args: Any
+                ) -> dict[str, Any]:
+    from megatron_uni.config import apply_overrides  # noqa: PLC0415
+
+    spec = parse_variant(name)
+    if spec["kind"] == "ours":
+        cfg = apply_overrides(base, spec["overrides"])
+        runtime = runtime_for(cfg)
+        subject = build_ours(cfg, runtime, args.rows, args.seq_len)
+    elif spec["kind"] == "mcore":
+        cfg = base if spec["moe"] else apply_overrides(base, DENSE)
+        runtime = runtime_for(cfg)
+        subject = build_mcore(cfg, runtime, args.rows, args.seq_len, spec["moe"], args.gpt_vocab)
+    else:
+        runtime = runtime_for(base)
+        kind = {"ref": "merged" if spec["moe"] else "dense", "deepspeed": "deepspeed"}[spec["kind"]]
+        subject = build_ref(base, runtime, args.rows, args.seq_len, kind)
+    result = measure(subject, runtime.device, args.warmup, args.steps)
+    info = {"variant": name, "tokens": subject.tokens, "flops": subject.flops,
+            "note": subject.note}
+    row = combine(_gather(result), info, runtime.world_size)
+    del subject
+    gc.collect()
+    return row
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def run(cfg: Config, args: Any, command: str,
+        partial: Callable[[dict[str, Any]], None] = lambda report: None) -> dict[str, Any]:
+    """Every variant in ``args.variants``, one after another, in this process group;
+    ``partial(report)`` after each (rank 0), so a run cut short keeps what it measured."""
+    from megatron_uni.config.to_mcore import resolved_precision, torch_dtype  # noqa: PLC0415
+    from megatron_uni.parallel.initialize import initialize  # noqa: PLC0415
+
+    runtime = initialize(cfg)
+    precision = resolved_precision(cfg, runtime.use_cpu)
+    tokens = args.rows * args.seq_len
+    shape = (tokens, cfg.model.hidden_size, cfg.model.ffn_hidden_size)
+    dtype = torch_dtype(precision)
+    device_name = (torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda"
+                   else "CPU")
+
+    def report(ceiling: float, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        for row in rows:
+            if "ms" in row:
+                row["mfu"] = row["tflops_per_rank"] * 1e12 / ceiling
+        return {
+            "command": command, "device": device_name, "world_size": runtime.world_size,
+            "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep,
+                       "dp": runtime.dp},
+            "precision": precision, "threads": torch.get_num_threads(), "rows": args.rows,
+            "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
+            "ceiling_tflops": ceiling / 1e12, "ceiling_shape": "x".join(map(str, shape)),
+            "model": {"hidden": cfg.model.hidden_size, "layers": cfg.model.num_layers,
+                      "heads": cfg.model.num_attention_heads, "ffn": cfg.model.ffn_hidden_size,
+                      "experts": cfg.moe.num_experts, "topk": cfg.moe.topk,
+                      "moe_layers": cfg.moe.layer_indices(cfg.model.num_layers),
+                      "moe_linears": list(cfg.moe.linears)},
+            "variants": rows, "is_main": runtime.is_main,
+        }
+
+    # The ceiling is measured before and after the variants and the better one kept: a shared
+    # machine's load changes during a run, and the ceiling must not be the unlucky moment.
+    first_ceiling = matmul_ceiling(*shape, dtype, runtime.device)
+    rows: list[dict[str, Any]] = []
+    for name in args.variants:
+        try:
+            row = run_variant(name, cfg, initialize, args)
+        except (ConfigError, RuntimeError, ValueError, ImportError, AssertionError) as err:
+            # every rank builds the same thing, so every rank fails alike: skip, say why
+            row = {"variant": name, "skipped": f"{type(err).__name__}: {str(err)[:200]}"}
+        rows.append(row)
+        if runtime.is_main:
+            print(f"[bench_step] {name}: " + (f"{row['ms']['step']:.1f} ms/step" if "ms" in row
+                                              else row["skipped"]), flush=True)
+            partial(report(first_ceiling, rows))
+    ceiling = min(_gather(max(first_ceiling, matmul_ceiling(*shape, dtype, runtime.device))))
+    return report(ceiling, rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from megatron_uni.parallel.initialize import shutdown  # noqa: PLC0415
+    from megatron_uni.train import report_error  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=18, help="rows of the micro-batch")
+    parser.add_argument("--seq-len", type=int, default=90, help="tokens per row")
+    parser.add_argument("--gpt-vocab", type=int, default=1024,
+                        help="vocabulary of the megatron-core GPT baselines")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides")
+    args = parser.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python -m tools.bench_step " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        for name in args.variants:
+            parse_variant(name)
+        cfg = load_config(args.config, args.overrides)
+        report = run(cfg, args, command, partial=lambda r: write_outputs(r, args))
+    except ConfigError as err:
+        return report_error(err)
+    if report.pop("is_main"):
+        print(text_table(report), flush=True)
+        write_outputs(report, args)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
