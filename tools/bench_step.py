@@ -178,9 +178,7 @@ def build_ours(cfg: Config, runtime: Any, rows: int, seq_len: int) -> Subject:
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = getattr(getattr(unwrap(chunks[0]), "routing", None), "losses", None)
-        if hasattr(losses, "clear"):
-            losses.clear()
+        unwrap(chunks[0]).routing_tracker.reset()  # as the trainer does every step
         forward_backward(chunks, [batch])
         out["backward"] = _now(runtime.device)
         optimizer.step()

@@ -113,6 +113,16 @@ class VisualEmbedding(torch.nn.Module):
                             stride=model.patch_size, bias=False)
             if model.frame_difference else None
         )
+        self._spatial_cache: dict[tuple, torch.Tensor] = {}  # fixed tables, not parameters
+
+    def _spatial_table(self, gh: int, gw: int, like: torch.Tensor) -> torch.Tensor:
+        """The fixed sin-cos table of a patch grid on ``like``'s device and dtype, built once per
+        grid (computing it on the host every forward cost a host-to-device copy each time)."""
+        key = (gh, gw, like.shape[-1], like.dtype, like.device)
+        if key not in self._spatial_cache:
+            table = sincos_2d(gh, gw, like.shape[-1], self.position_scale)
+            self._spatial_cache[key] = table.to(device=like.device, dtype=like.dtype)
+        return self._spatial_cache[key]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n, t, c, height, width = images.shape
@@ -128,7 +138,7 @@ class VisualEmbedding(torch.nn.Module):
             x = x + self.diff_proj((images - previous).reshape(n * t, c, height, width))
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2).reshape(n, t, gh * gw, -1)  # [N, T, P, h]
-        spatial = sincos_2d(gh, gw, x.shape[-1], self.position_scale).to(x.dtype).to(x.device)
+        spatial = self._spatial_table(gh, gw, x)
         offset = 0
         if self.training and t < self.max_frames:
             # Same draw on every tensor-parallel rank: the default RNG is seeded alike there.

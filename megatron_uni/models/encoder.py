@@ -26,6 +26,7 @@ fp8/fp4 contexts, CUDA graphs.
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Optional
@@ -42,6 +43,18 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_uni.moe.conditions import RoutingConditions
 
 Decision = Any  # megatron_uni.moe.routers.Decision, or None for a dense pair
+
+
+class _KnownMLPFilter(logging.Filter):
+    """megatron's TransformerLayer warns "Unknown MLP type ... Using default kwargs" for any MLP
+    module that is not exactly ``MLP``; :class:`EncoderMLP` is one, and its spec passes the
+    kwarg megatron would (``tp_group``), so that warning says nothing here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_KnownMLPFilter())
 
 
 class DenseColumnLinear(ColumnParallelLinear):

@@ -68,6 +68,7 @@ class UniPerceiver(MegatronModule):
                 get_transformer_layer_offset(config),
                 get_num_layers_to_build(config),
                 self.routing_tracker,
+                pg_collection.tp,
             ),
             post_layer_norm=False,
             pre_process=pre_process,

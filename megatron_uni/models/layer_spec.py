@@ -12,6 +12,8 @@ expert linear owns (``moe.routers.router_class``), never in ``forward``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.attention import SelfAttentionSubmodules
@@ -81,9 +83,11 @@ def layer_spec(
     cfg: Config,
     layer: int = 0,
     tracker: RoutingTracker | None = None,
+    tp_group: Any = None,
 ) -> ModuleSpec:
     """Encoder layer number ``layer`` (global index): dense, or MoE when ``cfg.moe`` places
-    experts there (its routers report to ``tracker``, the model's)."""
+    experts there (its routers report to ``tracker``, the model's). ``tp_group``: the MLP's
+    tensor-parallel group (megatron's layer passes it only to a module that *is* ``MLP``)."""
     model = cfg.model
     linears = {"attn": (DenseColumnLinear, DenseRowLinear),
                "mlp": (DenseColumnLinear, DenseRowLinear)}
@@ -110,6 +114,7 @@ def layer_spec(
             pre_mlp_layernorm=LayerNorm,
             mlp=ModuleSpec(
                 module=EncoderMLP,
+                params={} if tp_group is None else {"tp_group": tp_group},
                 submodules=MLPSubmodules(
                     linear_fc1=linears["mlp"][0], linear_fc2=linears["mlp"][1]
                 ),
@@ -125,11 +130,12 @@ def encoder_block_spec(
     first_layer: int,
     num_layers_this_stage: int,
     tracker: RoutingTracker | None = None,
+    tp_group: Any = None,
 ) -> TransformerBlockSubmodules:
     """The layers of this pipeline stage; no final LayerNorm (the reference encoder has none)."""
     return TransformerBlockSubmodules(
         layer_specs=[
-            layer_spec(config, cfg, first_layer + i, tracker)
+            layer_spec(config, cfg, first_layer + i, tracker, tp_group)
             for i in range(num_layers_this_stage)
         ],
         layer_norm=None,

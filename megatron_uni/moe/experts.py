@@ -27,7 +27,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_uni.moe.grouped import expert_matmul
+from megatron_uni.moe.grouped import expert_matmul, merge_chosen
 from megatron_uni.parallel.autograd_collectives import all_gather_with_grad
 
 
@@ -164,17 +164,11 @@ class ExpertLinears(MegatronModule):
     def merged_weights(self, index: torch.Tensor, gates: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per condition, the gate-weighted sum of its k chosen experts: index / gates [A, k]
-        -> weight [A, o, i], bias [A, o]. Only the chosen experts enter the sum (and get
-        gradients)."""
+        -> weight [A, o, i], bias [A, o]. Only the chosen experts enter the sum and get
+        gradients (``moe.grouped.merge_chosen``)."""
         weight, bias = self.full_weights()
-        gates = gates.to(weight.dtype)
-        merged = gates[:, 0, None, None] * weight[index[:, 0]]
-        merged_bias = None if bias is None else gates[:, :1] * bias[index[:, 0]]
-        for j in range(1, index.shape[1]):
-            merged = merged + gates[:, j, None, None] * weight[index[:, j]]
-            if bias is not None:
-                merged_bias = merged_bias + gates[:, j, None] * bias[index[:, j]]
-        return merged, merged_bias
+        merged = merge_chosen(weight, index, gates)
+        return merged, None if bias is None else merge_chosen(bias, index, gates)
 
 
 def expert_init_std(config: TransformerConfig, output_layer: bool) -> float:

@@ -18,6 +18,59 @@ from typing import Optional
 
 import torch
 
+
+class _MergeChosen(torch.autograd.Function):
+    """``merged[a] = sum_j gates[a, j] * experts[index[a, j]]``: experts [E, ...], index / gates
+    [A, k] -> [A, ...], touching only the A x k chosen experts in both directions.
+
+    Autograd's own gather (``experts[index]``) would materialise a zero gradient of all E
+    experts and add it into the parameter's gradient every backward (work and memory growing
+    with E), and would save the gathered copies for the backward. Here the backward re-gathers
+    the chosen experts for the gates' gradient and, when ``experts`` is a parameter with
+    megatron DDP's ``main_grad`` buffer, adds the chosen slices into it directly and returns no
+    gradient for it (our DDP runs without overlapped gradient reduction, so no bucket waits on
+    a hook; any other gradient the parameter gets still goes through autograd and the hook).
+    Without ``main_grad`` (a bare model) it returns the dense gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, experts: torch.Tensor, index: torch.Tensor, gates: torch.Tensor
+                ) -> torch.Tensor:
+        ctx.save_for_backward(experts, index, gates)
+        gates = gates.to(experts.dtype)
+        extra = (None,) * (experts.dim() - 1)
+        merged = gates[(slice(None), 0, *extra)] * experts[index[:, 0]]
+        for j in range(1, index.shape[1]):
+            merged = merged + gates[(slice(None), j, *extra)] * experts[index[:, j]]
+        return merged
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+        experts, index, gates = ctx.saved_tensors
+        flat = index.reshape(-1)
+        chosen = experts[flat].view(*index.shape, *experts.shape[1:])  # [A, k, ...]
+        trailing = tuple(range(2, chosen.dim()))
+        grad_gates = (chosen * grad.unsqueeze(1)).sum(dim=trailing).to(gates.dtype)
+        extra = (None,) * (experts.dim() - 1)
+        parts = (gates.to(grad.dtype)[(slice(None), slice(None), *extra)] * grad.unsqueeze(1))
+        parts = parts.reshape(-1, *experts.shape[1:])  # [A * k, ...]
+        main_grad = getattr(experts, "main_grad", None)
+        if ctx.needs_input_grad[0] and main_grad is not None:
+            main_grad.index_add_(0, flat, parts.to(main_grad.dtype))
+            grad_experts = None
+        elif ctx.needs_input_grad[0]:
+            grad_experts = torch.zeros_like(experts).index_add_(0, flat, parts.to(experts.dtype))
+        else:
+            grad_experts = None
+        return grad_experts, None, grad_gates
+
+
+def merge_chosen(experts: torch.Tensor, index: torch.Tensor, gates: torch.Tensor
+                 ) -> torch.Tensor:
+    """experts [E, ...], index / gates [A, k] -> [A, ...]: each row's gate-weighted sum of its
+    k chosen experts (see :class:`_MergeChosen`)."""
+    return _MergeChosen.apply(experts, index, gates)
+
 _REFUSED: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) _grouped_mm refused
 
 

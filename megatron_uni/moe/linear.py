@@ -15,9 +15,10 @@ output; the attention / MLP hands that decision to the second (out / fc2), as in
 Every linear of our encoder takes ``(x, conditions, decision)`` and returns ``(out, bias,
 decision)`` (``models/encoder.py``; the dense linears pass the decision through). Two execution
 paths give the same numbers:
-- ``dispatch``: megatron's all-gather token dispatcher sends token copies to the ranks of their
-  experts, which apply them with one grouped GEMM; the combine sums the gate-weighted outputs
-  (any router);
+- ``dispatch``: megatron's token dispatcher (``moe.token_dispatcher``: ``allgather``, or
+  ``alltoall``, which sends each token copy only to the EP rank of its expert) brings token
+  copies to the ranks of their experts, which apply them with one grouped GEMM; the combine
+  sums the gate-weighted outputs (any router);
 - ``grouped``: for routers whose decision is constant per condition, each distinct condition's
   k chosen experts are merged into one weight (sum of gate x W_e over the k chosen only, never
   all E; gradients reach those k only) and applied to that condition's tokens in one grouped
@@ -35,7 +36,10 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, unpermute
-from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+from megatron.core.transformer.moe.token_dispatcher import (
+    MoEAllGatherTokenDispatcher,
+    MoEAlltoAllTokenDispatcher,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -64,6 +68,26 @@ class _LinearDispatcher(MoEAllGatherTokenDispatcher):
         return hidden_states.view(*self.hidden_shape[:-1], hidden_states.shape[-1])
 
 
+class _LinearAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
+    """megatron's all-to-all dispatcher (tokens sent only to the EP ranks of their experts),
+    for experts whose output width differs from the input's."""
+
+    def combine_postprocess(self, permutated_local_input_tokens: torch.Tensor) -> torch.Tensor:
+        width = permutated_local_input_tokens.shape[-1]
+        output = unpermute(
+            permutated_local_input_tokens,
+            self.reversed_local_input_permutation_mapping,
+            restore_shape=torch.Size([self.hidden_shape_before_permute[0], width]),
+            routing_map=self.routing_map,
+            fused=self.config.moe_permute_fusion,
+            drop_and_pad=self.drop_and_pad,
+        )
+        return output.view(*self.hidden_shape[:-1], width)
+
+
+DISPATCHERS = {"allgather": _LinearDispatcher, "alltoall": _LinearAlltoAllDispatcher}
+
+
 def resolve_execution(moe: MoEConfig) -> str:
     """The configured path: ``dispatch`` or ``grouped``; ``auto`` stays ``auto`` for routers whose
     decision is constant per condition (chosen per call by :func:`choose_execution`) and is
@@ -82,7 +106,7 @@ FLOPS_PER_BYTE = {"cuda": 2000.0, "cpu": 100.0}
 
 def choose_execution(*, tokens: int, conditions: int, topk: int, in_features: int,
                      out_features: int, local_experts: int, group_size: int, etp: int,
-                     element_bytes: int, flops_per_byte: float) -> str:
+                     element_bytes: int, flops_per_byte: float, alltoall: bool = False) -> str:
     """``grouped`` or ``dispatch`` for one expert linear and micro-batch, by estimated cost.
 
     Cost = FLOPs + flops_per_byte x bytes this rank moves, forward plus backward:
@@ -92,7 +116,8 @@ def choose_execution(*, tokens: int, conditions: int, topk: int, in_features: in
       2 (G - 1) E_local o (i / ETP) elements;
     - dispatch: each token copy through its expert, 2 k n i o (x3); all-gather of the group's
       tokens and reduce-scatter of the outputs, then the same for the gradients,
-      2 (G - 1) n (i + o) elements.
+      2 (G - 1) n (i + o) elements (``alltoall``: each of the k copies of a token leaves the
+      rank with probability (G - 1) / G, 2 k n (i + o) (G - 1) / G).
     With G = 1 nothing moves and the FLOPs decide (grouped unless the merge outweighs the
     k-fold product, i.e. very few tokens per condition).
     """
@@ -100,7 +125,8 @@ def choose_execution(*, tokens: int, conditions: int, topk: int, in_features: in
     grouped_flops = 3 * 2 * n * i * o + 2 * 2 * a * k * o * i
     dispatch_flops = 3 * 2 * k * n * i * o
     grouped_bytes = 2 * (g - 1) * local_experts * o * (i // etp) * element_bytes
-    dispatch_bytes = 2 * (g - 1) * n * (i + o) * element_bytes
+    copies = k * n * (g - 1) / g if alltoall else (g - 1) * n
+    dispatch_bytes = 2 * copies * (i + o) * element_bytes
     grouped = grouped_flops + flops_per_byte * grouped_bytes
     dispatch = dispatch_flops + flops_per_byte * dispatch_bytes
     return "grouped" if grouped <= dispatch else "dispatch"
@@ -136,9 +162,6 @@ class _MoELinear(MegatronModule):
         if self.execution == "grouped" and moe.router not in SEGMENT_CONSTANT:
             raise ValueError(f"moe.execution=grouped needs a segment-constant router "
                              f"({', '.join(SEGMENT_CONSTANT)}), not {moe.router!r}")
-        if moe.token_dispatcher != "allgather":
-            raise ValueError("expert linears use megatron's all-gather dispatcher; set "
-                             "moe.token_dispatcher=allgather")
         self.experts = ExpertLinears(
             config, moe.num_experts, input_size, output_size, bias,
             expert_init_std(config, self.output_layer), pgs,
@@ -146,7 +169,15 @@ class _MoELinear(MegatronModule):
         # The pair's first linear owns the router (its parameters live here: checkpoint names
         # ``linear_qkv.router.*``); the second gets the decision as an argument.
         self.router = None if router is None else build_module(router, config=config)
-        self.dispatcher = _LinearDispatcher(
+        if moe.token_dispatcher == "alltoall" and pgs.expt_tp.size() > 1:
+            from megatron_uni.parallel import cpu_backend  # noqa: PLC0415
+
+            if cpu_backend.is_enabled():
+                # megatron all-gathers uneven token counts over expert-TP, which gloo refuses
+                raise ValueError("moe.token_dispatcher=alltoall with expert-TP > 1 needs NCCL "
+                                 "(gloo has no uneven all-gather); on CPU set parallel.etp=1 or "
+                                 "moe.token_dispatcher=allgather")
+        self.dispatcher = DISPATCHERS[moe.token_dispatcher](
             self.experts.num_local, self.experts.local_indices, config, pg_collection=pgs
         )
 
@@ -179,6 +210,7 @@ class _MoELinear(MegatronModule):
             group_size=experts.group_size, etp=experts.etp_group.size(),
             element_bytes=experts.weight.element_size(),
             flops_per_byte=self.flops_per_byte or FLOPS_PER_BYTE.get(x.device.type, 100.0),
+            alltoall=isinstance(self.dispatcher, MoEAlltoAllTokenDispatcher),
         )
 
     def _dispatch(self, x: torch.Tensor, decision: Decision) -> torch.Tensor:

@@ -17,7 +17,10 @@ is listed in :func:`enable`, in one place a reader can audit:
    no-ops (CPU work is synchronous);
 5. megatron's advice to set CUDA_DEVICE_MAX_CONNECTIONS (a CUDA launch-queue setting) and the RNG
    tracker's "CPU RNG state changed within GPU RNG context" (always true when the CUDA stream is
-   the CPU generator) are silenced.
+   the CPU generator) are silenced;
+6. the all-to-all token dispatcher's device-to-host step (``maybe_move_tensor_to_cpu``, which
+   turns the split sizes into the numpy arrays ``all_to_all_single`` takes) also converts
+   tensors that are already on the CPU (megatron converts only CUDA ones).
 
 It is switched on only for CPU runs (:func:`should_use_cpu`) and never when CUDA is in use: GPU
 behaviour is untouched. It patches process-wide state, so it is meant for processes that run on
@@ -134,6 +137,13 @@ def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+def _split_sizes_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False
+                         ) -> Any:
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
 def enable() -> None:
     """Switch the CPU backend on for this process (idempotent). See the module docstring."""
     global _enabled
@@ -169,6 +179,10 @@ def enable() -> None:
         logging.getLogger("megatron.core.tensor_parallel.random").addFilter(
             lambda record: "CPU RNG state changed" not in record.getMessage()
         )
+        # 6. the all-to-all dispatcher's split sizes
+        import megatron.core.transformer.moe.token_dispatcher as dispatchers  # noqa: PLC0415
+
+        dispatchers.maybe_move_tensor_to_cpu = _split_sizes_to_host
         # 2. device arguments: the mode lives on this thread's torch-function stack for good.
         _CudaToCpuMode().__enter__()
         _enabled = True

@@ -52,19 +52,32 @@ def memory_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def _device() -> torch.device:
+    """The device collectives run on: the current GPU, else the CPU."""
+    from megatron_uni.parallel import cpu_backend  # noqa: PLC0415
+
+    if torch.cuda.is_available() and not cpu_backend.is_enabled():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def reduce_step_metrics(
     per_microbatch: Sequence[dict[str, torch.Tensor]], reporter: bool
 ) -> dict[str, float]:
     """Sum [value, count] pairs over micro-batches and over every reporting rank (one per
     data-parallel replica on the last stage); collective over the world."""
     keys = ("loss", "accuracy")
-    local = torch.zeros(2 * len(keys), dtype=torch.float64)
+    # Summed where the values live and moved to the host once: a GPU run's NCCL all-reduce
+    # needs a device tensor, and a copy per micro-batch would stall the step each time.
+    device = per_microbatch[0]["loss"].device if reporter and per_microbatch else _device()
+    local = torch.zeros(2 * len(keys), dtype=torch.float64, device=device)
     if reporter:
         for item in per_microbatch:
             for i, key in enumerate(keys):
-                local[2 * i : 2 * i + 2] += item[key].detach().double().cpu()
+                local[2 * i : 2 * i + 2] += item[key].detach().double()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(local)
+    local = local.cpu()
     return {key: float(local[2 * i] / local[2 * i + 1]) if local[2 * i + 1] > 0 else math.nan
             for i, key in enumerate(keys)}
 

@@ -64,7 +64,9 @@ def forward_backward(
 def reduce_metrics(per_microbatch: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Sum [value, count] pairs over micro-batches -> value / count per metric."""
     totals: dict[str, torch.Tensor] = {}
-    for item in per_microbatch:
+    for item in per_microbatch:  # summed on the values' device, copied to the host once
         for key, pair in item.items():
-            totals[key] = totals.get(key, torch.zeros(2)) + pair.detach().double().cpu()
-    return {k: float(v[0] / v[1]) if v[1] > 0 else float("nan") for k, v in totals.items()}
+            pair = pair.detach().double()
+            totals[key] = totals[key] + pair if key in totals else pair
+    host = {k: v.cpu() for k, v in totals.items()}
+    return {k: float(v[0] / v[1]) if v[1] > 0 else float("nan") for k, v in host.items()}

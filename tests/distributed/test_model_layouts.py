@@ -35,6 +35,10 @@ VARIANTS = {
     "attribute-grouped": ["moe.router=attribute", "moe.execution=grouped"],
     "attribute-dispatch": ["moe.router=attribute", "moe.execution=dispatch"],
     "token-dispatch": ["moe.router=token", "moe.execution=dispatch"],
+    "token-alltoall": ["moe.router=token", "moe.execution=dispatch",
+                       "moe.token_dispatcher=alltoall"],
+    "attribute-alltoall": ["moe.router=attribute", "moe.execution=dispatch",
+                           "moe.token_dispatcher=alltoall"],
 }
 MOE = ["moe.num_experts=4", "moe.topk=2", "moe.layers=all", "moe.noise_std=0"]
 
@@ -201,7 +205,9 @@ CASES = (
     + [("captioning", variant, name) for variant in ("attribute-grouped", "attribute-dispatch")
        for name in MOE_LAYOUTS]
     + [("retrieval", "attribute-grouped", "tp2-ep2-etp2"),
-       ("captioning", "token-dispatch", "ep2"), ("captioning", "token-dispatch", "tp2-ep2-etp2")]
+       ("captioning", "token-dispatch", "ep2"), ("captioning", "token-dispatch", "tp2-ep2-etp2"),
+       ("captioning", "token-alltoall", "ep2"), ("captioning", "attribute-alltoall", "tp2-ep2-etp1"),
+       ("retrieval", "token-alltoall", "pp2-ep2")]
 )
 
 

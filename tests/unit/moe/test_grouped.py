@@ -1,0 +1,61 @@
+"""The grouped products and the k-term expert merge against plain references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_uni.moe import grouped
+from megatron_uni.moe.grouped import expert_matmul, grouped_matmul, merge_chosen
+
+
+def test_merge_chosen_gradients_and_main_grad() -> None:
+    torch.manual_seed(0)
+    experts = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([[0, 3], [3, 1], [4, 0]])
+    gates = torch.rand(3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, g: merge_chosen(w, index, g), (experts, gates))
+    upstream = torch.randn(3, 4, 3, dtype=torch.float64)
+    reference = (gates[:, :, None, None] * experts[index]).sum(1)
+    (reference * upstream).sum().backward()
+    want_w, want_g = experts.grad.clone(), gates.grad.clone()
+    experts.grad = gates.grad = None
+    # megatron DDP's buffer: the chosen slices are added there, no dense gradient is made
+    experts.main_grad = torch.ones_like(experts)
+    (merge_chosen(experts, index, gates) * upstream).sum().backward()
+    assert experts.grad is None
+    torch.testing.assert_close(experts.main_grad, 1 + want_w)
+    torch.testing.assert_close(gates.grad, want_g)
+    unchosen = [e for e in range(5) if e not in index]
+    assert (experts.main_grad[unchosen] == 1).all()
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_grouped_matmul_matches_per_token_weights(refuse: bool, monkeypatch) -> None:
+    """Both the grouped kernel and the sync-free fallback (kernel refused) give
+    out[t] = W[rows[t]] x[t] + b[rows[t]], with gradients."""
+    if refuse:
+        monkeypatch.setattr(grouped, "_try_grouped_mm", lambda *a: None)
+    torch.manual_seed(1)
+    n, i, o, a = 37, 6, 5, 4
+    x = torch.randn(n, i, requires_grad=True)
+    rows = torch.tensor([3, 0, 0, 2] * 9 + [2])  # group 1 empty, unsorted
+    weight = torch.randn(a, o, i, requires_grad=True)
+    bias = torch.randn(a, o, requires_grad=True)
+    out = grouped_matmul(x, rows, weight, bias)
+    want = torch.einsum("noi,ni->no", weight[rows], x) + bias[rows]
+    torch.testing.assert_close(out, want)
+    grads = torch.autograd.grad(out.square().sum(), (x, weight, bias))
+    refs = torch.autograd.grad(want.square().sum(), (x, weight, bias))
+    for got, ref in zip(grads, refs):
+        torch.testing.assert_close(got, ref)
+
+
+def test_expert_matmul_matches_loop() -> None:
+    torch.manual_seed(2)
+    counts = torch.tensor([3, 0, 5])
+    tokens = torch.randn(8, 4)
+    weight = torch.randn(3, 6, 4)
+    out = expert_matmul(tokens, counts, weight)
+    want = torch.cat([c @ weight[e].t() for e, c in enumerate(torch.split(tokens, [3, 0, 5]))])
+    torch.testing.assert_close(out, want)
