@@ -2,8 +2,9 @@
 
 Runs the same single-process, under torchrun, srun or mpirun (the launcher's environment decides
 rank and world size). Writes ``<train.run_dir>/`` (config.yaml, git_revision.txt, command.txt,
-metrics.jsonl, tensorboard/, checkpoints/). Resumes from ``checkpoint.load`` or the run dir's
-latest checkpoint. Bad configuration and checkpoint problems end with one clear line, exit 2.
+metrics.jsonl, tensorboard/, checkpoints/), holding ``run.lock`` for the run's life. Resumes from
+the run dir's latest checkpoint, else initialises from ``checkpoint.load``. Bad configuration,
+checkpoint and run-directory problems end with one clear line, exit 2.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def report_error(err: Exception) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv, __doc__)
     from megatron_uni.training.checkpoint import CheckpointError  # noqa: PLC0415
+    from megatron_uni.training.run_dir import RunDirError  # noqa: PLC0415
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -53,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Trainer(cfg, runtime).train()
         finally:
             shutdown()
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, RunDirError) as err:
         return report_error(err)
     return 0
 

@@ -1,6 +1,6 @@
 """Checkpoints that survive crashes and move between parallel layouts (megatron dist_checkpointing).
 
-    stop_requested = install_signal_handlers()                      # once, main thread
+    stop_requested = install_signal_handlers()       # once, main thread (training.signals)
     if (latest := find_latest(root)) is not None:                   # resume
         step, loader_state = load_checkpoint(latest, chunks, optimizer, scheduler, cfg,
                                              data_slots=DataSlots(loader.num_slots, loader.slots))
@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -49,8 +48,15 @@ from megatron_uni.training.data_position import (
     join_slots,
     slot_objects,
 )
+from megatron_uni.training.optimizer import (
+    group_settings,
+    keep_saved_schedule,
+    restore_group_settings,
+    schedule_changes,
+)
 from megatron_uni.training.rng_state import rng_state, set_rng_state
 from megatron_uni.training.safe_load import UnsafeCheckpoint, load_strategies, unsafe_cause
+from megatron_uni.training.signals import any_rank, install_signal_handlers  # noqa: F401
 from megatron_uni.training.step import unwrap
 
 log = logging.getLogger(__name__)
@@ -439,11 +445,18 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: A
     for i, model in enumerate(models):
         model.load_state_dict(loaded["model" if len(models) == 1 else f"model{i}"], strict=True)
     if with_optimizer:
+        keep = cfg.checkpoint.keep_saved_schedule
+        settings = group_settings(optimizer)
         try:
             with loadable_adam(optimizer):
                 optimizer.load_state_dict(loaded["optimizer"])
+            if not keep:  # this run's lr, min_lr, betas, eps, not the saved param groups'
+                restore_group_settings(optimizer, settings)
             if scheduler is not None and "scheduler" in loaded:
+                if keep:
+                    keep_saved_schedule(scheduler)
                 scheduler.load_state_dict(loaded["scheduler"])
+            _log_schedule_changes(meta, cfg, keep)
         except Exception as err:  # noqa: BLE001 - megatron asserts / KeyErrors on mismatches
             raise CheckpointError(
                 path, "its optimizer or schedule state does not fit this run "
@@ -465,38 +478,14 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: A
     return int(loaded["step"]), (join_slots(loaded["loader_slots"]) if want_loader else None)
 
 
-# --------------------------------------------------------------------------- preemption
-def install_signal_handlers(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1)
-                            ) -> Callable[[], bool]:
-    """Turn SIGTERM/SIGUSR1 into a "stop requested" flag; returns the function that reads it.
-
-    The process keeps running so that the loop can finish the step, save and exit 0; a requeued
-    job then resumes there. Slurm sends SIGTERM at the time limit and SIGKILL KillWait (default
-    30 s) later; ``#SBATCH --signal=USR1@120`` adds SIGUSR1 to every task two minutes before
-    (``B:USR1@120`` would reach only the batch shell). torchrun forwards SIGTERM to its workers.
-    A signal may reach only some ranks: agree with :func:`any_rank` before the (collective) save.
-    Call from the main thread (Python's rule for signal handlers).
-    """
-    requested: list[int] = []
-
-    def handler(signum: int, frame: Any) -> None:
-        if not requested:
-            log.warning("received %s: will save after this step and stop",
-                        signal.Signals(signum).name)
-        requested.append(signum)
-
-    for sig in signals:
-        signal.signal(sig, handler)
-    return lambda: bool(requested)
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (collective)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    from megatron_uni.parallel import cpu_backend  # noqa: PLC0415
-
-    device = "cpu" if cpu_backend.is_enabled() else torch.cuda.current_device()
-    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+def _log_schedule_changes(meta: dict, cfg: Config, keep: bool) -> None:
+    changes = schedule_changes(meta.get("config", {}), cfg)
+    if not changes or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    if keep:
+        log.warning("checkpoint.keep_saved_schedule=true: the checkpoint's schedule and optimizer "
+                    "settings are kept, not this run's: %s (optim.clip_grad is not saved: this "
+                    "run's applies)", "; ".join(changes))
+    else:
+        log.info("resumed with changed schedule / optimizer settings (this run's config wins): "
+                 "%s", "; ".join(changes))
