@@ -64,9 +64,12 @@ class UnsafeCheckpoint(pickle.UnpicklingError):
     code); ``file`` and ``name`` say which and what."""
 
     def __init__(self, file: str | Path, name: str, detail: str = "") -> None:
-        self.file, self.name = str(file), name
+        self.file, self.name, self.detail = str(file), name, detail
         super().__init__(f"{file} refers to {name}, which megatron-uni does not load (a "
                          f"checkpoint holds tensors and plain data only){detail}")
+
+    def __reduce__(self) -> tuple:  # torch copies exceptions between ranks by pickling them
+        return (type(self), (self.file, self.name, self.detail))
 
 
 class RestrictedUnpickler(pickle.Unpickler):
