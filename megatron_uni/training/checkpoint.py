@@ -55,7 +55,12 @@ from megatron_uni.training.optimizer import (
     schedule_changes,
 )
 from megatron_uni.training.rng_state import rng_state, set_rng_state
-from megatron_uni.training.safe_load import UnsafeCheckpoint, load_strategies, unsafe_cause
+from megatron_uni.training.safe_load import (
+    UnsafeCheckpoint,
+    find_cause,
+    load_strategies,
+    unsafe_cause,
+)
 from megatron_uni.training.signals import any_rank, install_signal_handlers  # noqa: F401
 from megatron_uni.training.step import unwrap
 
@@ -289,12 +294,13 @@ def _agree(error: BaseException | None, final: Path, tmp: Path | None) -> None:
     if error is None:
         raise CheckpointError(final, "saving failed on another rank (see rank 0's message)",
                               "see the first error")
-    cause = getattr(error, "failures", None) and next(iter(error.failures.values()))
-    cause = cause[0] if isinstance(cause, tuple) else cause or error
-    space = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+    cause, text = find_cause(error, OSError), describe_error(error)
+    # megatron's writer processes report an OSError as text ("Worker failure: [Errno 28] ...")
+    space = (cause is not None and cause.errno == errno.ENOSPC) or os.strerror(
+        errno.ENOSPC) in text
     raise CheckpointError(
-        final, f"saving failed ({describe_error(error)}); the unfinished save was removed, the "
-        "previous checkpoint is untouched",
+        final, f"saving failed ({text}); the unfinished save was removed, earlier checkpoints "
+        "are untouched",
         f"free disk space on {final.parent}" if space else
         f"make {final.parent} writable (or set checkpoint.save to a writable directory)"
     ) from error

@@ -23,9 +23,11 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import torch
+
+E = TypeVar("E", bound=BaseException)
 
 # Every global a torch 2.11-2.14 DCP ``.metadata`` written by megatron-core 0.16.1 refers to.
 # Each is a dataclass or enum of DCP's own (constructing one runs no code of the file's choice),
@@ -119,21 +121,28 @@ def safe_torch_load(source: str | Path | BinaryIO, name: str | Path) -> Any:
                                f" ({lines[0][:200]})") from None
 
 
-def unsafe_cause(err: BaseException) -> UnsafeCheckpoint | None:
-    """The UnsafeCheckpoint behind ``err`` (also inside torch's per-rank CheckpointException)."""
+def find_cause(err: BaseException, kind: type[E]) -> E | None:
+    """The first exception of ``kind`` behind ``err``: itself, its causes and contexts, and the
+    per-rank failures inside torch's CheckpointException."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [err]
     while todo:
-        e = todo.pop()
+        e = todo.pop(0)
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, UnsafeCheckpoint):
+        if isinstance(e, kind):
             return e
-        todo += [e.__cause__, e.__context__]
+        todo += [e.__cause__, e.__context__, *e.args]  # megatron wraps some errors in args
         for cause in (getattr(e, "failures", None) or {}).values():
             todo.append(cause[0] if isinstance(cause, tuple) else cause)
+        todo = [t for t in todo if t is None or isinstance(t, BaseException)]
     return None
+
+
+def unsafe_cause(err: BaseException) -> UnsafeCheckpoint | None:
+    """The UnsafeCheckpoint behind ``err`` (also inside torch's per-rank CheckpointException)."""
+    return find_cause(err, UnsafeCheckpoint)
 
 
 # --------------------------------------------------------------------------- torch DCP pieces

@@ -40,16 +40,16 @@ def _entry(rank: int, world: int, module: str, argv: list[str], patch: str | Non
 
         filesystem_async._write_item = full
     buffer = io.StringIO()
-    sys.stderr = buffer  # the entry point's logging handler writes here too
+    sys.stdout = sys.stderr = buffer  # the entry point's logging handler writes here too
     try:
         code = importlib.import_module(module).main(argv)
     finally:
-        sys.stderr = sys.__stderr__
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     return code, buffer.getvalue()
 
 
 def run_entry(module: str, argv: list[str], patch: str | None = None,
               timeout: float = 240) -> tuple[int, str]:
-    """(exit code, stderr + log) of ``module.main(argv)`` on one rank."""
+    """(exit code, stdout + stderr + log) of ``module.main(argv)`` on one rank."""
     (result,) = run_ranks(_entry, 1, args=(module, argv, patch), timeout=timeout)
     return result
