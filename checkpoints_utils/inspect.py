@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from checkpoints_utils.common import (
-    ToolError,
     is_optimizer_key,
     open_checkpoint,
     read_common,

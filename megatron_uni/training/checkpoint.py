@@ -1,6 +1,6 @@
 """Checkpoints that survive crashes and move between parallel layouts (megatron dist_checkpointing).
 
-    stop_requested = install_signal_handlers()       # once, main thread (training.signals)
+    stop_requested = install_signal_handlers()                      # once, main thread
     if (latest := find_latest(root)) is not None:                   # resume
         step, loader_state = load_checkpoint(latest, chunks, optimizer, scheduler, cfg,
                                              data_slots=DataSlots(loader.num_slots, loader.slots))
@@ -18,8 +18,16 @@ checkpoint, not from half a directory: every rank writes into ``iter_XXXXXXX.tmp
 have finished, rank 0 renames it and swaps ``latest`` with ``os.replace``. A ``.tmp`` directory is
 never named by ``latest`` and the next save deletes it.
 
+Loading never executes code from the checkpoint: every read goes through
+:mod:`megatron_uni.training.safe_load` (allow-listed unpickling of ``.metadata``,
+``torch.load(weights_only=True)`` for ``common.pt`` and saved objects); what we save besides tensors
+is plain data. A refused file is a :class:`CheckpointError` naming it and the global it refers to.
+A save that fails (disk full, not writable) on any rank removes its ``.tmp`` and raises a
+CheckpointError on every rank.
+
 Restored on load: weights always; optimizer and scheduler state when asked (also under another
-layout); RNG states (per global rank) only under the same layout; the data position whenever the
+layout; this run's schedule and optimizer settings win unless ``checkpoint.keep_saved_schedule``,
+and the changes are logged); RNG states (per global rank) only under the same layout; the data position whenever the
 number of global micro-batch slots per step (``train.global_batch_size /
 train.micro_batch_size``) is the same, whatever the data-parallel size (one object per slot:
 :mod:`megatron_uni.training.data_position`); otherwise the data order restarts at the saved step.
@@ -51,8 +59,8 @@ from megatron_uni.training.data_position import (
 from megatron_uni.training.optimizer import (
     group_settings,
     keep_saved_schedule,
+    log_schedule_changes,
     restore_group_settings,
-    schedule_changes,
 )
 from megatron_uni.training.rng_state import rng_state, set_rng_state
 from megatron_uni.training.safe_load import (
@@ -462,7 +470,7 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: A
                 if keep:
                     keep_saved_schedule(scheduler)
                 scheduler.load_state_dict(loaded["scheduler"])
-            _log_schedule_changes(meta, cfg, keep)
+            log_schedule_changes(meta.get("config", {}), cfg, keep)
         except Exception as err:  # noqa: BLE001 - megatron asserts / KeyErrors on mismatches
             raise CheckpointError(
                 path, "its optimizer or schedule state does not fit this run "
@@ -482,16 +490,3 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: A
         log.info("loaded checkpoint %s (step %d%s) in %.1f s", path, int(meta["step"]),
                  "" if with_optimizer else ", weights only", time.perf_counter() - start)
     return int(loaded["step"]), (join_slots(loaded["loader_slots"]) if want_loader else None)
-
-
-def _log_schedule_changes(meta: dict, cfg: Config, keep: bool) -> None:
-    changes = schedule_changes(meta.get("config", {}), cfg)
-    if not changes or (dist.is_initialized() and dist.get_rank() != 0):
-        return
-    if keep:
-        log.warning("checkpoint.keep_saved_schedule=true: the checkpoint's schedule and optimizer "
-                    "settings are kept, not this run's: %s (optim.clip_grad is not saved: this "
-                    "run's applies)", "; ".join(changes))
-    else:
-        log.info("resumed with changed schedule / optimizer settings (this run's config wins): "
-                 "%s", "; ".join(changes))

@@ -8,11 +8,15 @@ over expert-data-parallel ranks) and clips the global gradient norm.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_uni.config import Config, to_dict
+
+log = logging.getLogger(__name__)
 
 # What a resumed run takes from its own config (unless checkpoint.keep_saved_schedule).
 SCHEDULE_FIELDS = (("optim", "lr"), ("optim", "min_lr"), ("optim", "warmup_steps"),
@@ -136,3 +140,17 @@ def keep_saved_schedule(scheduler: Any) -> None:
     use_checkpoint_opt_param_scheduler)."""
     scheduler.override_opt_param_scheduler = False
     scheduler.use_checkpoint_opt_param_scheduler = True
+
+
+def log_schedule_changes(saved_config: dict[str, Any], cfg: Config, keep: bool) -> None:
+    """Rank 0 logs :func:`schedule_changes` of a resume, and which side wins."""
+    changes = schedule_changes(saved_config, cfg)
+    if not changes or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    if keep:
+        log.warning("checkpoint.keep_saved_schedule=true: the checkpoint's schedule and optimizer "
+                    "settings are kept, not this run's: %s (optim.clip_grad is not saved: this "
+                    "run's applies)", "; ".join(changes))
+    else:
+        log.info("resumed with changed schedule / optimizer settings (this run's config wins): "
+                 "%s", "; ".join(changes))
