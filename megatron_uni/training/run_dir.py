@@ -6,11 +6,14 @@
     lock.release()
 
 The lock is ``<run_dir>/run.lock``, created with ``O_EXCL`` and holding ``{"host", "pid",
-"started", "command"}``. A second run on the same ``train.run_dir`` stops with an error naming
-the first one's host and pid before it writes, deletes or appends anything (config.yaml,
-command.txt, metrics.jsonl, an unfinished save it would take for stale). A lock left by a run
-that died (same host, that pid no longer running) is taken over with a warning; a lock of
-another host cannot be checked from here and is reported with the way to remove it.
+"started", "command", "job", "restart"}``; its holder touches it every :data:`HEARTBEAT_S`
+seconds. A second run on the same ``train.run_dir`` stops with an error naming the first one's
+host and pid before it writes, deletes or appends anything (config.yaml, command.txt,
+metrics.jsonl, an unfinished save it would take for stale). A lock left by a run that died is
+taken over with a warning: same host and that pid no longer running; or the same Slurm job in
+another incarnation (a requeue: Slurm starts it only after the old one ended, maybe on another
+node); or no heartbeat for :data:`STALE_S` seconds. A live lock of another host is reported with
+the way to remove it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +33,8 @@ from megatron_uni.config import Config, dump_yaml
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
+HEARTBEAT_S = 60.0
+STALE_S = 600.0
 
 
 class RunDirError(RuntimeError):
@@ -50,20 +56,32 @@ class RunLock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="run-lock", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
 
     @classmethod
     def acquire(cls, run_dir: Path) -> RunLock:
         run_dir = Path(run_dir)
         path = run_dir / LOCK_FILE
         mine = {"host": socket.gethostname(), "pid": os.getpid(),
-                "started": time.strftime("%FT%T%z"), "command": " ".join(sys.argv)[:500]}
+                "started": time.strftime("%FT%T%z"), "command": " ".join(sys.argv)[:500],
+                "job": os.environ.get("SLURM_JOB_ID"),
+                "restart": os.environ.get("SLURM_RESTART_COUNT", "0")}
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             for _ in range(2):
                 try:
                     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 except FileExistsError:
-                    cls._check_holder(path, mine["host"])  # raises unless it is stale (removed)
+                    cls._check_holder(path, mine)  # raises unless it is stale (then removed)
                     continue
                 with os.fdopen(fd, "w") as f:
                     json.dump(mine, f)
@@ -73,33 +91,34 @@ class RunLock:
         raise RunDirError(f"run directory {run_dir}: another run took {path} just now")
 
     @staticmethod
-    def _check_holder(path: Path, host: str) -> None:
+    def _check_holder(path: Path, mine: dict) -> None:
         """Raise RunDirError when the lock's holder may be running; remove a stale lock."""
         try:
             holder = json.loads(path.read_text())
             other_host, pid = str(holder["host"]), int(holder["pid"])
+            quiet = time.time() - path.stat().st_mtime
         except FileNotFoundError:
             return  # released meanwhile
         except (OSError, ValueError, KeyError, TypeError):
-            other_host, pid = "unknown", -1  # garbled (a crash while writing it)
-        if other_host == host and pid > 0 and _alive(pid):
+            holder, other_host, pid, quiet = {}, "unknown", -1, STALE_S  # garbled: a crash
+        requeued = (holder.get("job") is not None and holder.get("job") == mine["job"]
+                    and holder.get("restart") != mine["restart"])
+        same_host = other_host == mine["host"]
+        if not requeued and quiet < STALE_S and (not same_host or _alive(pid)):
+            who = (f"host {other_host}, pid {pid}, started {holder.get('started', '?')}")
+            fix = ("set another train.run_dir, or wait for that run to end" if same_host else
+                   f"set another train.run_dir; if that run is no longer running, delete {path}")
             raise RunDirError(
-                f"run directory {path.parent} is in use by another run (host {other_host}, pid "
-                f"{pid}, started {holder.get('started', '?')}): two runs would overwrite each "
-                "other's checkpoints and logs. Fix: set another train.run_dir, or wait for "
-                f"that run to end")
-        if other_host not in (host, "unknown"):
-            raise RunDirError(
-                f"run directory {path.parent} is in use by another run (host {other_host}, pid "
-                f"{pid}, started {holder.get('started', '?')}), which cannot be checked from "
-                f"{host}. Fix: set another train.run_dir; if that run is no longer running, "
-                f"delete {path}")
-        log.warning("taking over %s: its run (host %s, pid %s) is no longer running",
-                    path, other_host, pid)
+                f"run directory {path.parent} is in use by another run ({who}): two runs would "
+                f"overwrite each other's checkpoints and logs. Fix: {fix}")
+        why = ("its Slurm job was requeued" if requeued else "it is no longer running"
+               if same_host and quiet < STALE_S else f"no heartbeat for {quiet:.0f} s")
+        log.warning("taking over %s from host %s, pid %s: %s", path, other_host, pid, why)
         path.unlink(missing_ok=True)
 
     def release(self) -> None:
         """Remove the lock (only if it is still ours)."""
+        self._stop.set()
         try:
             holder = json.loads(self.path.read_text())
             if int(holder.get("pid", -1)) == os.getpid():

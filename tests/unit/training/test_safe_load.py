@@ -9,13 +9,14 @@ import pickle
 import random
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from megatron_uni.training.run_dir import LOCK_FILE, RunDirError, RunLock
+from megatron_uni.training.run_dir import LOCK_FILE, STALE_S, RunDirError, RunLock
 from megatron_uni.training.safe_load import (
     RestrictedUnpickler,
     UnsafeCheckpoint,
@@ -97,8 +98,8 @@ def test_rng_state_is_plain_data_and_round_trips() -> None:
     assert run_ranks(_rng_round_trip, 1) == [True]
 
 
-def test_run_lock_held_stale_and_foreign(tmp_path: Path, caplog: pytest.LogCaptureFixture
-                                         ) -> None:
+def test_run_lock_held_stale_and_foreign(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     lock = RunLock.acquire(tmp_path)
     holder = json.loads((tmp_path / LOCK_FILE).read_text())
     assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
@@ -110,10 +111,22 @@ def test_run_lock_held_stale_and_foreign(tmp_path: Path, caplog: pytest.LogCaptu
     dead = subprocess.Popen(["true"])
     dead.wait()
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
-    with caplog.at_level("WARNING"):
-        RunLock.acquire(tmp_path).release()
+    caplog.set_level("WARNING")
+    RunLock.acquire(tmp_path).release()
     assert "no longer running" in caplog.text and str(dead.pid) in caplog.text
     # another host's lock cannot be checked: an error that names it and says how to clear it
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-b", "pid": 4242}))
     with pytest.raises(RunDirError, match=r"host node-b, pid 4242.*delete"):
         RunLock.acquire(tmp_path)
+    # ... unless its heartbeat stopped long ago
+    old = time.time() - STALE_S - 1
+    os.utime(tmp_path / LOCK_FILE, (old, old))
+    RunLock.acquire(tmp_path).release()
+    assert "no heartbeat" in caplog.text
+    # a requeued Slurm job (same job id, next restart count) takes over its own lock
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-b", "pid": 4242, "job": "77",
+                                                  "restart": "0"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    RunLock.acquire(tmp_path).release()
+    assert "requeued" in caplog.text
