@@ -14,7 +14,21 @@ from typing import Any, Iterable
 
 import torch
 
-from megatron_uni.training.checkpoint import CheckpointError, describe_error, read_meta, resolve
+from megatron_uni.training.checkpoint import (
+    CheckpointError,
+    describe_error,
+    read_meta,
+    refused,
+    resolve,
+)
+from megatron_uni.training.safe_load import (
+    UnsafeCheckpoint,
+    read_dcp_metadata,
+    safe_default_planner,
+    safe_reader,
+    safe_torch_load,
+    unsafe_cause,
+)
 
 
 class ToolError(RuntimeError):
@@ -32,13 +46,14 @@ def open_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 def tensor_index(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{key: (global shape, dtype)} of every tensor in the checkpoint, in saved order."""
-    from torch.distributed.checkpoint import FileSystemReader  # noqa: PLC0415
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: PLC0415
 
     try:
-        md = FileSystemReader(str(path)).read_metadata()
+        md = read_dcp_metadata(path)
+    except UnsafeCheckpoint as err:
+        raise ToolError(str(refused(path, err))) from None
     except Exception as err:  # noqa: BLE001 - any failure: an unreadable index
-        raise ToolError(f"checkpoint {path}: its tensor index (metadata.json) cannot be read "
+        raise ToolError(f"checkpoint {path}: its tensor index (.metadata) cannot be read "
                         f"({type(err).__name__}: {str(err)[:200]}); it is truncated or corrupt"
                         ) from err
     _check_files(path, md)
@@ -74,13 +89,33 @@ def read_tensors(path: Path, keys: Iterable[str] | None = None) -> dict[str, tor
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+            dcp.load(state, storage_reader=safe_reader(path), planner=safe_default_planner(),
+                     no_dist=True)
     except BaseException as err:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
+        if cause := unsafe_cause(err):
+            raise ToolError(str(refused(path, cause))) from None
         raise ToolError(f"checkpoint {path}: reading its tensors failed ({describe_error(err)}); "
                         "a file is truncated or corrupt") from err
     return state
+
+
+def read_common(path: Path) -> dict[str, Any]:
+    """The checkpoint's ``common.pt`` (step, scheduler, optimizer scalars), read without running
+    code (:func:`megatron_uni.training.safe_load.safe_torch_load`)."""
+    file = Path(path) / "common.pt"
+    try:
+        common = safe_torch_load(file, file)
+    except UnsafeCheckpoint as err:
+        raise ToolError(str(refused(path, err))) from None
+    except Exception as err:  # noqa: BLE001
+        raise ToolError(f"checkpoint {path}: common.pt cannot be read ({type(err).__name__}: "
+                        f"{str(err)[:200]}); it is truncated or corrupt") from err
+    if not isinstance(common, dict):
+        raise ToolError(f"checkpoint {path}: common.pt holds a {type(common).__name__}, not a "
+                        "dict; it is corrupt")
+    return common
 
 
 def is_optimizer_key(key: str) -> bool:

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from checkpoints_utils.common import (
-    ToolError,
     is_optimizer_key,
     open_checkpoint,
+    read_common,
     read_tensors,
     run_cli,
     tensor_index,
@@ -40,11 +40,7 @@ def parameter_counts(index: dict[str, tuple[tuple[int, ...], Any]], num_experts:
 
 def scalar_state(path: Path) -> dict[str, Any]:
     """Step, scheduler and optimizer param-group scalars (Adam step, lr) from common.pt."""
-    try:
-        common = torch.load(Path(path) / "common.pt", weights_only=True, map_location="cpu")
-    except Exception as err:  # noqa: BLE001
-        raise ToolError(f"checkpoint {path}: common.pt cannot be read ({type(err).__name__}: "
-                        f"{str(err)[:200]}); it is truncated or corrupt") from err
+    common = read_common(path)
     out: dict[str, Any] = {"step": common.get("step")}
     for k, v in (common.get("scheduler") or {}).items():
         out[f"scheduler.{k}"] = v

@@ -2,10 +2,11 @@
 
 Runs the same single-process, under torchrun, srun or mpirun (the launcher's environment decides
 rank and world size). Writes ``<train.run_dir>/`` (config.yaml, git_revision.txt, command.txt,
-metrics.jsonl, tensorboard/, checkpoints/). Resumes from ``checkpoint.load`` or the run dir's
-latest checkpoint. Bad configuration, checkpoint problems and bad data end with one clear line,
-exit 2. ``--dry-run`` validates the config, prints its tasks, sampling weights and per-rank batch
-and whether each task's data is ready, and exits 0 without building a model (:func:`dry_run`).
+metrics.jsonl, tensorboard/, checkpoints/), holding ``run.lock`` for the run's life. Resumes from
+the run dir's latest checkpoint, else initialises from ``checkpoint.load``. Bad configuration,
+checkpoint and run-directory problems and bad data end with one clear line, exit 2.
+``--dry-run`` validates the config, prints its tasks, sampling weights and per-rank batch and
+whether each task's data is ready, and exits 0 without building a model (:func:`dry_run`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv, __doc__)
     from megatron_uni.data.readers import DataError  # noqa: PLC0415
     from megatron_uni.training.checkpoint import CheckpointError  # noqa: PLC0415
+    from megatron_uni.training.run_dir import RunDirError  # noqa: PLC0415
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -64,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Trainer(cfg, runtime).train()
         finally:
             shutdown()
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, RunDirError) as err:
         return report_error(err)
     except DataError as err:  # past data.max_bad_samples, or nothing readable: on some ranks
         return report_error(err, every_rank=True)

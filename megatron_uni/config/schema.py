@@ -297,10 +297,17 @@ class CheckpointConfig:
     """Saving and resuming."""
 
     save: str | None = _f(None, help="checkpoint dir; null = <run_dir>/checkpoints")
-    load: str | None = _f(None, help="checkpoint to resume/initialise from; null = none")
+    load: str | None = _f(None, help="checkpoint to initialise a fresh run from (the run "
+                          "dir's own newest checkpoint wins when there is one); null = none")
     load_optimizer: bool = _f(
-        True, help="also restore optimizer state (false: weights only, e.g. after switching "
-        "between the distributed and the plain optimizer)"
+        True, help="also restore optimizer state from checkpoint.load (false: weights only, "
+        "e.g. after switching between the distributed and the plain optimizer); the run's own "
+        "checkpoints restore it whenever they hold this optimizer's kind"
+    )
+    keep_saved_schedule: bool = _f(
+        False, help="on resume, keep the checkpoint's lr schedule and optimizer settings (lr, "
+        "min_lr, warmup, decay, weight decay, steps, Adam betas/eps); false: this run's config "
+        "wins and the log lists what changed"
     )
     save_interval: int = _f(0, help="steps between saves; 0 = only at the end")
     keep_last: int = _f(2, help="checkpoints kept; 0 = keep all")

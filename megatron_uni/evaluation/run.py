@@ -132,10 +132,15 @@ def report(
 
 
 def write_report(path: str | Path, content: dict[str, Any]) -> Path:
-    """Write ``content`` as JSON (rank 0 only)."""
+    """Write ``content`` as JSON (rank 0 only); RunDirError when the place is not writable."""
+    from megatron_uni.training.run_dir import unwritable  # noqa: PLC0415
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=1) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content, indent=1) + "\n")
+    except OSError as err:
+        raise unwritable(path.parent, err) from err
     return path
 
 

@@ -18,8 +18,16 @@ checkpoint, not from half a directory: every rank writes into ``iter_XXXXXXX.tmp
 have finished, rank 0 renames it and swaps ``latest`` with ``os.replace``. A ``.tmp`` directory is
 never named by ``latest`` and the next save deletes it.
 
+Loading never executes code from the checkpoint: every read goes through
+:mod:`megatron_uni.training.safe_load` (allow-listed unpickling of ``.metadata``,
+``torch.load(weights_only=True)`` for ``common.pt`` and saved objects); what we save besides tensors
+is plain data. A refused file is a :class:`CheckpointError` naming it and the global it refers to.
+A save that fails (disk full, not writable) on any rank removes its ``.tmp`` and raises a
+CheckpointError on every rank.
+
 Restored on load: weights always; optimizer and scheduler state when asked (also under another
-layout); RNG states (per global rank) only under the same layout; the data position whenever the
+layout; this run's schedule and optimizer settings win unless ``checkpoint.keep_saved_schedule``,
+and the changes are logged); RNG states (per global rank) only under the same layout; the data position whenever the
 number of global micro-batch slots per step (``train.global_batch_size /
 train.micro_batch_size``) is the same, whatever the data-parallel size (one object per slot:
 :mod:`megatron_uni.training.data_position`); otherwise the data order restarts at the saved step.
@@ -27,29 +35,41 @@ train.micro_batch_size``) is the same, whatever the data-parallel size (one obje
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import logging
 import os
-import random
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_uni.config import Config, to_dict
+from megatron_uni.training.adam_state import ensure_adam_state, loadable_adam
 from megatron_uni.training.data_position import (
     DataSlots,
     data_position_usable,
     join_slots,
     slot_objects,
 )
+from megatron_uni.training.optimizer import (
+    group_settings,
+    keep_saved_schedule,
+    log_schedule_changes,
+    restore_group_settings,
+)
+from megatron_uni.training.rng_state import rng_state, set_rng_state
+from megatron_uni.training.safe_load import (
+    UnsafeCheckpoint,
+    find_cause,
+    load_strategies,
+    unsafe_cause,
+)
+from megatron_uni.training.signals import any_rank, install_signal_handlers  # noqa: F401
 from megatron_uni.training.step import unwrap
 
 log = logging.getLogger(__name__)
@@ -133,29 +153,6 @@ def current_layout() -> dict[str, int]:
             "dp": ps.get_data_parallel_world_size()}
 
 
-def _rng_state() -> dict[str, Any]:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # noqa: PLC0415
-
-    from megatron_uni.parallel import cpu_backend  # noqa: PLC0415
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available() and not cpu_backend.is_enabled():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker  # noqa: PLC0415
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
-
-
 def optimizer_kind(optimizer: Any) -> str | None:
     """"distributed" or "local" (their formats differ); None for no optimizer."""
     if optimizer is None:
@@ -164,61 +161,6 @@ def optimizer_kind(optimizer: Any) -> str | None:
 
     opts = getattr(optimizer, "chained_optimizers", [optimizer])
     return "distributed" if any(isinstance(o, DistributedOptimizer) for o in opts) else "local"
-
-
-# megatron-core 0.16.1 with torch's Adam (no apex / Transformer Engine installed) needs three
-# repairs; each touches only the optimizer passed in.
-def _torch_adams(optimizer: Any) -> Iterator[tuple[Any, torch.optim.Optimizer]]:
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            yield opt, inner
-
-
-def _ensure_adam_state(optimizer: Any) -> None:
-    """``DistributedOptimizer.state_dict()`` reads each parameter's ``step`` from torch's Adam
-    state and fails before the first step (a save at step 0, a load into a fresh optimizer):
-    create the state Adam would create lazily (zeros, step 0) -- only in an optimizer without
-    any state, so that step counts never differ between parameters."""
-    for _, inner in _torch_adams(optimizer):
-        if len(inner.state) > 0:
-            continue
-        for param in (p for group in inner.param_groups for p in group["params"]):
-            if not inner.state[param]:
-                inner.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
-                                          exp_avg_sq=torch.zeros_like(param))
-
-
-@contextlib.contextmanager
-def _loadable_adam(optimizer: Any) -> Iterator[None]:
-    """Around ``optimizer.load_state_dict``: (1) megatron's ``_set_main_param_and_optimizer_
-    states`` copies every key of the live Adam state, ``step`` included, from loaded tensors that
-    never carry one (KeyError): hand it the live ``step`` (a no-op copy); (2) afterwards, give each
-    parameter its own ``step`` tensor: megatron loads one shared by all, and torch's foreach Adam
-    would add 1 to it once per parameter."""
-    patched = []
-    for opt, inner in _torch_adams(optimizer):
-        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
-        if setter is None or opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            continue
-
-        def with_step(model_param: Any, tensors: dict, opt: Any = opt, setter: Any = setter,
-                      inner: Any = inner) -> None:
-            group, order = opt.model_param_group_index_map[model_param]
-            live = inner.state[inner.param_groups[group]["params"][order]]
-            setter(model_param, {"step": live["step"], **tensors} if "step" in live else tensors)
-
-        opt._set_main_param_and_optimizer_states = with_step  # this instance, this load only
-        patched.append(opt)
-    try:
-        yield
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states
-    for _, inner in _torch_adams(optimizer):
-        for state in inner.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
 
 
 def _sharded_state(model_chunks: Sequence[Any], optimizer: Any, *, is_loading: bool,
@@ -232,7 +174,7 @@ def _sharded_state(model_chunks: Sequence[Any], optimizer: Any, *, is_loading: b
     names = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
     state: dict[str, Any] = {n: m.sharded_state_dict() for n, m in zip(names, models)}
     if optimizer is not None:
-        _ensure_adam_state(optimizer)
+        ensure_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             dict(state), is_loading=is_loading, metadata=dict(OPTIM_METADATA))
     if rng:  # keyed by global rank: meaningful only when every rank keeps its role
@@ -297,21 +239,27 @@ def save_checkpoint(root: Path, step: int, model_chunks: list, optimizer: Any, s
     final = root / checkpoint_name(step)
     tmp = root / f"{final.name}.tmp"
     rank0 = dist.get_rank() == 0
-    if rank0:
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale(root)
         tmp.mkdir()
-    dist.barrier()
-    tmp.mkdir(parents=True, exist_ok=True)  # a shared file system may show it late
 
-    state = _sharded_state(model_chunks, optimizer, is_loading=False, rng=_rng_state(),
-                           loader=loader_state)
-    state["step"] = int(step)
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, str(tmp))  # returns after a barrier: every shard is written
+    _agree(_attempt(prepare) if rank0 else None, final, None)  # also the barrier before writing
 
-    if rank0:
+    def write() -> None:
+        tmp.mkdir(parents=True, exist_ok=True)  # a shared file system may show it late
+        state = _sharded_state(model_chunks, optimizer, is_loading=False, rng=rng_state(),
+                               loader=loader_state)
+        state["step"] = int(step)
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        # Returns after a barrier: every shard is written; a failed write raises on every rank.
+        dist_checkpointing.save(state, str(tmp))
+
+    _agree(_attempt(write), final, tmp)
+
+    def finish() -> None:
         meta = {"format": FORMAT_VERSION, "step": int(step), "layout": current_layout(),
                 "optimizer": optimizer_kind(optimizer), "scheduler": scheduler is not None,
                 "loader_state": bool(loader_state),
@@ -327,8 +275,43 @@ def save_checkpoint(root: Path, step: int, model_chunks: list, optimizer: Any, s
         _remove_stale(root)
         _prune(root, keep_last)
         log.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - start)
-    dist.barrier()  # nobody moves on (or exits) before the checkpoint is named
+
+    # Nobody moves on (or exits) before the checkpoint is named, or all raise.
+    _agree(_attempt(finish) if rank0 else None, final, tmp)
     return final
+
+
+def _attempt(action: Callable[[], None]) -> BaseException | None:
+    """Run ``action``; the error it raised (torch's CheckpointException too), or None."""
+    from torch.distributed.checkpoint.api import CheckpointException  # noqa: PLC0415
+
+    try:
+        action()
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - reported by _agree
+        return err
+    return None
+
+
+def _agree(error: BaseException | None, final: Path, tmp: Path | None) -> None:
+    """Collective: when any rank failed, remove the unfinished ``tmp`` (rank 0) and raise a
+    :class:`CheckpointError` on every rank, so that no rank waits for the others forever."""
+    if not any_rank(error is not None):
+        return
+    if tmp is not None and dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is None:
+        raise CheckpointError(final, "saving failed on another rank (see rank 0's message)",
+                              "see the first error")
+    cause, text = find_cause(error, OSError), describe_error(error)
+    # megatron's writer processes report an OSError as text ("Worker failure: [Errno 28] ...")
+    space = (cause is not None and cause.errno == errno.ENOSPC) or os.strerror(
+        errno.ENOSPC) in text
+    raise CheckpointError(
+        final, f"saving failed ({text}); the unfinished save was removed, earlier checkpoints "
+        "are untouched",
+        f"free disk space on {final.parent}" if space else
+        f"make {final.parent} writable (or set checkpoint.save to a writable directory)"
+    ) from error
 
 
 # --------------------------------------------------------------------------- load
@@ -349,7 +332,22 @@ def resolve(path: Path) -> Path:
     if not (path / _DIST_METADATA).is_file():
         raise CheckpointError(path, "has no megatron metadata.json: the save did not finish",
                               "resume from an earlier checkpoint (find_latest picks one)")
+    for name, what in ((".metadata", "torch's tensor index"),
+                       ("common.pt", "step, optimizer and schedule scalars")):
+        if not (path / name).is_file():
+            raise CheckpointError(path, f"its {name} ({what}) is missing: a file was deleted "
+                                  "or never copied", "copy the whole directory again, or use "
+                                  "an earlier checkpoint")
     return path
+
+
+def refused(path: Path, cause: UnsafeCheckpoint) -> CheckpointError:
+    """The error for a checkpoint file that refers to a global outside the allow-list."""
+    return CheckpointError(
+        path, f"refused to load {cause.file}: it refers to {cause.name}, which is not on the "
+        "allow-list of what a checkpoint may hold (tensors, plain data, torch's checkpoint "
+        "index); loading it could run code", "do not use this checkpoint: get it again from a "
+        "source you trust, as written by megatron-uni")
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -376,9 +374,13 @@ def _check_tensors(path: Path, state: dict[str, Any], meta: dict, cfg: Config) -
     from megatron.core.dist_checkpointing.dict_utils import nested_values  # noqa: PLC0415
 
     try:
-        saved = dist_checkpointing.load_tensors_metadata(str(path))
+        saved = dist_checkpointing.load_tensors_metadata(
+            str(path), sharded_strategy=load_strategies()[0])
     except Exception as err:  # noqa: BLE001 - any failure here: an unreadable index
-        raise CheckpointError(path, f"its tensor index cannot be read ({describe_error(err)})",
+        if cause := unsafe_cause(err):
+            raise refused(path, cause) from None
+        raise CheckpointError(path, "its tensor index .metadata cannot be read "
+                              f"({describe_error(err)})",
                               "it is truncated or corrupt: resume from an earlier one") from err
     missing: dict[bool, list[str]] = {True: [], False: []}  # is optimizer state -> keys
     shapes: list[str] = []
@@ -444,8 +446,12 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: A
                            rng=same_layout, loader=data_slots if want_loader else None)
     _check_tensors(path, state, meta, cfg)
     try:
-        loaded = dist_checkpointing.load(state, str(path))
+        sharded, common = load_strategies()
+        loaded = dist_checkpointing.load(state, str(path), sharded_strategy=sharded,
+                                         common_strategy=common)
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - torch's is a BaseException
+        if cause := unsafe_cause(err):
+            raise refused(path, cause) from None
         raise CheckpointError(path, f"reading failed ({describe_error(err)})",
                               "a file is truncated or corrupt: resume from an earlier one") from err
 
@@ -453,11 +459,18 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: A
     for i, model in enumerate(models):
         model.load_state_dict(loaded["model" if len(models) == 1 else f"model{i}"], strict=True)
     if with_optimizer:
+        keep = cfg.checkpoint.keep_saved_schedule
+        settings = group_settings(optimizer)
         try:
-            with _loadable_adam(optimizer):
+            with loadable_adam(optimizer):
                 optimizer.load_state_dict(loaded["optimizer"])
+            if not keep:  # this run's lr, min_lr, betas, eps, not the saved param groups'
+                restore_group_settings(optimizer, settings)
             if scheduler is not None and "scheduler" in loaded:
+                if keep:
+                    keep_saved_schedule(scheduler)
                 scheduler.load_state_dict(loaded["scheduler"])
+            log_schedule_changes(meta.get("config", {}), cfg, keep)
         except Exception as err:  # noqa: BLE001 - megatron asserts / KeyErrors on mismatches
             raise CheckpointError(
                 path, "its optimizer or schedule state does not fit this run "
@@ -468,7 +481,7 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: A
         # first step would write the old random weights back.
         optimizer.reload_model_params()
     if same_layout:
-        _set_rng_state(loaded["rng_state"])
+        set_rng_state(loaded["rng_state"])
     if dist.get_rank() == 0:
         if not same_layout:
             log.warning("checkpoint layout %s, this run %s: RNG states start afresh; the data "
@@ -477,40 +490,3 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer: Any, scheduler: A
         log.info("loaded checkpoint %s (step %d%s) in %.1f s", path, int(meta["step"]),
                  "" if with_optimizer else ", weights only", time.perf_counter() - start)
     return int(loaded["step"]), (join_slots(loaded["loader_slots"]) if want_loader else None)
-
-
-# --------------------------------------------------------------------------- preemption
-def install_signal_handlers(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1)
-                            ) -> Callable[[], bool]:
-    """Turn SIGTERM/SIGUSR1 into a "stop requested" flag; returns the function that reads it.
-
-    The process keeps running so that the loop can finish the step, save and exit 0; a requeued
-    job then resumes there. Slurm sends SIGTERM at the time limit and SIGKILL KillWait (default
-    30 s) later; ``#SBATCH --signal=USR1@120`` adds SIGUSR1 to every task two minutes before
-    (``B:USR1@120`` would reach only the batch shell). torchrun forwards SIGTERM to its workers.
-    A signal may reach only some ranks: agree with :func:`any_rank` before the (collective) save.
-    Call from the main thread (Python's rule for signal handlers).
-    """
-    requested: list[int] = []
-
-    def handler(signum: int, frame: Any) -> None:
-        if not requested:
-            log.warning("received %s: will save after this step and stop",
-                        signal.Signals(signum).name)
-        requested.append(signum)
-
-    for sig in signals:
-        signal.signal(sig, handler)
-    return lambda: bool(requested)
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (collective)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    from megatron_uni.parallel import cpu_backend  # noqa: PLC0415
-
-    device = "cpu" if cpu_backend.is_enabled() else torch.cuda.current_device()
-    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())

@@ -11,15 +11,13 @@ SIGUSR1 arrive (then the run exits 0 after saving: Slurm preemption).
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_uni.config import Config, dump_yaml
+from megatron_uni.config import Config
 from megatron_uni.config.to_mcore import resolved_precision
 from megatron_uni.parallel.initialize import Runtime
 from megatron_uni.training import checkpoint as ckpt
@@ -33,30 +31,11 @@ from megatron_uni.training.metrics import (
     step_flops,
 )
 from megatron_uni.training.optimizer import build_optimizer, build_scheduler
+from megatron_uni.training.run_dir import RunDirError, RunLock, write_run_record
+from megatron_uni.training.exit_status import record_saved_after_signal
 from megatron_uni.training.step import forward_backward, unwrap
 
 log = logging.getLogger(__name__)
-
-
-def git_revision() -> str:
-    """The source revision (with '+dirty' for uncommitted changes), or 'unknown'."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return rev + ("+dirty" if dirty else "")
-
-
-def write_run_record(cfg: Config, run_dir: Path) -> None:
-    """Resolved config, git revision and command line: what it takes to rerun this."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, run_dir / "config.yaml")
-    (run_dir / "git_revision.txt").write_text(git_revision() + "\n")
-    (run_dir / "command.txt").write_text(" ".join([sys.executable, *sys.argv]) + "\n")
 
 
 def build_model_chunks(cfg: Config, runtime: Runtime) -> tuple[list[Any], Any]:
@@ -103,37 +82,75 @@ class Trainer:
         self.cfg, self.runtime = cfg, runtime
         self.run_dir = Path(cfg.train.run_dir)
         self.save_root = Path(cfg.save_dir())
-        if runtime.is_main:
-            write_run_record(cfg, self.run_dir)
-        self.precision = resolved_precision(cfg, runtime.use_cpu)
-        if runtime.use_cpu and self.precision != "fp32" and runtime.is_main:
-            log.warning("train.precision=%s on CPU: the mixed-precision path runs emulated and "
-                        "slowly (for testing it); CPU runs are the fp32 numeric reference",
-                        self.precision)
-        self.chunks, self.model = build_model_chunks(cfg, runtime)
-        self.optimizer = build_optimizer(cfg, self.chunks, runtime.use_cpu, self.precision)
-        self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.num_microbatches = num_microbatches(cfg, runtime.dp)
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.reporter = (parallel_state.is_pipeline_last_stage()
-                         and parallel_state.get_tensor_model_parallel_rank() == 0)
-        self.loader = MultiTaskLoader(cfg, self.dp_rank, runtime.dp, self.num_microbatches)
-        self.step = 0
-        self._resume()
-        self.stop_requested = ckpt.install_signal_handlers()
+        self.lock = self._take_run_dir()
+        try:
+            self.precision = resolved_precision(cfg, runtime.use_cpu)
+            if runtime.use_cpu and self.precision != "fp32" and runtime.is_main:
+                log.warning("train.precision=%s on CPU: the mixed-precision path runs emulated "
+                            "and slowly (for testing it); CPU runs are the fp32 numeric reference",
+                            self.precision)
+            self.chunks, self.model = build_model_chunks(cfg, runtime)
+            self.optimizer = build_optimizer(cfg, self.chunks, runtime.use_cpu, self.precision)
+            self.scheduler = build_scheduler(cfg, self.optimizer)
+            self.num_microbatches = num_microbatches(cfg, runtime.dp)
+            self.dp_rank = parallel_state.get_data_parallel_rank()
+            self.reporter = (parallel_state.is_pipeline_last_stage()
+                             and parallel_state.get_tensor_model_parallel_rank() == 0)
+            self.loader = MultiTaskLoader(cfg, self.dp_rank, runtime.dp, self.num_microbatches)
+            self.step = 0
+            self._resume()
+            self.stop_requested = ckpt.install_signal_handlers()
+        except BaseException:
+            self.close()  # a run that cannot start leaves the run dir free
+            raise
+
+    def _take_run_dir(self) -> RunLock | None:
+        """Global rank 0 locks the run dir and writes the run record; every rank learns whether
+        that worked (collective), so that all stop together when it did not."""
+        lock, error = None, None
+        if self.runtime.is_main:
+            try:
+                lock = RunLock.acquire(self.run_dir)
+                write_run_record(self.cfg, self.run_dir)
+            except RunDirError as err:
+                error = err
+        if ckpt.any_rank(error is not None):
+            if lock is not None:
+                lock.release()
+            raise error or RunDirError(f"run directory {self.run_dir}: refused on rank 0")
+        return lock
+
+    def close(self) -> None:
+        """Release the run directory (the lock)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _resume(self) -> None:
+        """The run dir's newest checkpoint wins (a rerun or requeue continues its own progress);
+        ``checkpoint.load`` only initialises a run that has none (megatron's convention)."""
         cfg = self.cfg
-        path = Path(cfg.checkpoint.load) if cfg.checkpoint.load else ckpt.find_latest(self.save_root)
+        own = ckpt.find_latest(self.save_root)
+        path = own or (Path(cfg.checkpoint.load) if cfg.checkpoint.load else None)
         if path is None:
             return
-        if cfg.checkpoint.load is None and self.runtime.is_main:
-            log.info("resuming from %s (latest in %s)", path, self.save_root)
+        load_optimizer = cfg.checkpoint.load_optimizer
+        if own is not None:
+            if self.runtime.is_main:
+                log.info("resuming from %s (latest in %s)%s", own, self.save_root,
+                         f"; checkpoint.load={cfg.checkpoint.load} only initialises a fresh "
+                         "run" if cfg.checkpoint.load else "")
+            # Its own checkpoints hold this run's optimizer state (checkpoint.load_optimizer
+            # =false, for initialising from weights, must not drop it on every requeue).
+            saved_kind = ckpt.read_meta(ckpt.resolve(own)).get("optimizer")
+            load_optimizer = load_optimizer or saved_kind == ckpt.optimizer_kind(self.optimizer)
+        elif self.runtime.is_main:
+            log.info("initialising from checkpoint.load=%s", path)
         # The data position is kept per global micro-batch slot: it continues under another
         # data-parallel size as long as the global batch (hence the slot count) is unchanged.
         self.step, loader_state = ckpt.load_checkpoint(
             path, self.chunks, self.optimizer, self.scheduler, cfg,
-            load_optimizer=cfg.checkpoint.load_optimizer,
+            load_optimizer=load_optimizer,
             data_slots=ckpt.DataSlots(self.loader.num_slots, self.loader.slots),
         )
         if loader_state is not None:
@@ -170,7 +187,7 @@ class Trainer:
         elapsed = time.time() - start
         seq_len = batches[0].seq_len
         record: dict[str, Any] = {
-            "step": self.step,
+            "step": self.step + 1,  # optimizer steps done, as the console counts
             "task": task,
             "loss": metrics["loss"],
             "accuracy": metrics["accuracy"],
@@ -198,6 +215,7 @@ class Trainer:
             if self.runtime.is_main:
                 log.info("checkpoint is at step %d, the run ends at %d: nothing to train",
                          self.step, end)
+            self.close()
             return self.step
         runlog = RunLog(cfg, self.run_dir, cfg.train.steps, self.step, self.runtime.is_main)
         interval = cfg.checkpoint.save_interval
@@ -219,8 +237,12 @@ class Trainer:
                 if stop:
                     if self.runtime.is_main:
                         log.info("stop signal received: saved step %d, exiting", self.step)
+                        # tells launch.local / the sbatch script that torchrun's exit 1 after
+                        # the signal followed a clean save (training/exit_status.py)
+                        record_saved_after_signal(self.run_dir, self.step)
                     break
         finally:
             runlog.close()
             self.loader.close()
+            self.close()
         return self.step

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -109,8 +110,30 @@ def gather_routing_stats(local: dict[tuple[str, str], torch.Tensor]
     return merged
 
 
+def open_log(path: Path, start_step: int) -> Any:
+    """``path`` (JSON lines with a "step") opened for appending after ``start_step``: rows of
+    later steps, written by a run killed after its last checkpoint and re-run now, are dropped
+    (the file is rewritten atomically), so that every step has at most one row."""
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+
+        def keep(line: str) -> bool:
+            try:
+                return int(json.loads(line)["step"]) <= start_step
+            except (ValueError, KeyError, TypeError):
+                return False  # a line cut by the kill
+
+        kept = [line for line in lines if keep(line)]
+        if len(kept) != len(lines):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, path)
+    return path.open("a", encoding="utf-8")
+
+
 class RunLog:
-    """Progress lines, metrics.jsonl and TensorBoard events of rank 0."""
+    """Progress lines, metrics.jsonl and TensorBoard events of rank 0. A record's ``step`` is
+    the number of optimizer steps done (1 for the first), as the console prints it."""
 
     def __init__(self, cfg: Config, run_dir: Path, total_steps: int, start_step: int,
                  active: bool) -> None:
@@ -125,8 +148,8 @@ class RunLog:
         if not active:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
-        self.routing = (run_dir / "routing_stats.jsonl").open("a", encoding="utf-8")
+        self.jsonl = open_log(run_dir / "metrics.jsonl", start_step)
+        self.routing = open_log(run_dir / "routing_stats.jsonl", start_step)
         if cfg.logging.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
@@ -156,15 +179,15 @@ class RunLog:
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(f"{record['task']}/{key}" if key in ("loss", "accuracy")
                                        else key, value, step)
-        done = step + 1 - self.start_step
-        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step - 1)
+        done = step - self.start_step
+        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
         aux_text = ""
         for kind in ("aux", "z"):
             values = [v for k, v in record.items() if k.startswith(f"{kind}/")]
             if values:  # mean over MoE layers
                 aux_text += f" | {kind} {sum(values) / len(values):.4f}"
         line = (
-            f"step {step + 1:>5}/{self.total} | {record['task']:<18} loss {record['loss']:.4f} "
+            f"step {step:>5}/{self.total} | {record['task']:<18} loss {record['loss']:.4f} "
             f"acc {record['accuracy']:.3f} | lr {record['lr']:.2e} | grad {record['grad_norm']:.3f}"
             f" | {record['tokens_per_s']:,.0f} tok/s | {record['tflops']:.3f} TFLOP/s | "
             f"mem {record['mem_gb']:.1f} GiB | ETA {eta / 60:.1f} min{aux_text}"

@@ -8,11 +8,22 @@ over expert-data-parallel ranks) and clips the global gradient norm.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from megatron_uni.config import Config
+from megatron_uni.config import Config, to_dict
+
+log = logging.getLogger(__name__)
+
+# What a resumed run takes from its own config (unless checkpoint.keep_saved_schedule).
+SCHEDULE_FIELDS = (("optim", "lr"), ("optim", "min_lr"), ("optim", "warmup_steps"),
+                   ("optim", "decay_style"), ("optim", "weight_decay"), ("optim", "clip_grad"),
+                   ("optim", "betas"), ("optim", "eps"), ("train", "steps"))
+# Per param group, set from the config at build time and overwritten by a checkpoint's groups.
+_GROUP_SETTINGS = ("max_lr", "min_lr", "betas", "eps", "wd_mult", "lr_mult")
 
 # Name fragments of parameters that never decay (besides every 1-D parameter and bias).
 _NO_DECAY = ("embeddings", "embedding", "temporal", ".router.", "logit_scale", "gamma", "norm")
@@ -87,7 +98,59 @@ def build_scheduler(cfg: Config, optimizer: Any) -> Any:
         end_wd=o.weight_decay,
         wd_incr_steps=max(steps, 1),
         wd_incr_style="constant",
-        # A resumed run follows the current config (e.g. a longer train.steps), not the saved one.
+        # A resumed run follows the current config (e.g. a longer train.steps), not the saved
+        # one (checkpoint.keep_saved_schedule switches to the saved one: keep_saved_schedule()).
         override_opt_param_scheduler=True,
         use_checkpoint_opt_param_scheduler=False,
     )
+
+
+def schedule_changes(saved_config: dict[str, Any], cfg: Config) -> list[str]:
+    """``section.field old -> new`` for each of :data:`SCHEDULE_FIELDS` that differs between a
+    checkpoint's config (its meta.json) and ``cfg``."""
+    now = to_dict(cfg)
+    out = []
+    for section, name in SCHEDULE_FIELDS:
+        old = saved_config.get(section, {}).get(name, now[section][name])
+        new = now[section][name]
+        if (list(old) if isinstance(old, (list, tuple)) else old) != (
+                list(new) if isinstance(new, (list, tuple)) else new):
+            out.append(f"{section}.{name} {old!r} -> {new!r}")
+    return out
+
+
+def group_settings(optimizer: Any) -> list[dict[str, Any]]:
+    """The config-derived settings of every param group (take before loading a checkpoint)."""
+    return [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
+
+
+def restore_group_settings(optimizer: Any, settings: list[dict[str, Any]]) -> None:
+    """Put :func:`group_settings` back after ``optimizer.load_state_dict`` replaced the groups
+    (the scheduler reads each group's max_lr / min_lr: without this the saved lr would win)."""
+    groups = optimizer.param_groups
+    if len(groups) != len(settings):
+        raise ValueError(f"the checkpoint has {len(groups)} parameter groups, this run "
+                         f"{len(settings)}")
+    for group, values in zip(groups, settings):
+        group.update(values)
+
+
+def keep_saved_schedule(scheduler: Any) -> None:
+    """Make ``scheduler.load_state_dict`` take the checkpoint's schedule (megatron's
+    use_checkpoint_opt_param_scheduler)."""
+    scheduler.override_opt_param_scheduler = False
+    scheduler.use_checkpoint_opt_param_scheduler = True
+
+
+def log_schedule_changes(saved_config: dict[str, Any], cfg: Config, keep: bool) -> None:
+    """Rank 0 logs :func:`schedule_changes` of a resume, and which side wins."""
+    changes = schedule_changes(saved_config, cfg)
+    if not changes or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    if keep:
+        log.warning("checkpoint.keep_saved_schedule=true: the checkpoint's schedule and optimizer "
+                    "settings are kept, not this run's: %s (optim.clip_grad is not saved: this "
+                    "run's applies)", "; ".join(changes))
+    else:
+        log.info("resumed with changed schedule / optimizer settings (this run's config wins): "
+                 "%s", "; ".join(changes))

@@ -71,12 +71,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory, demo_root: Path
     data = demo_root
     original = tmp / "tp2pp2ep2"
     first = _run(8, data, original, *_layout(2, 2, 2), f"train.stop_at_step={SAVED_AT}")
-    assert sorted(first) == list(range(SAVED_AT))
+    assert sorted(first) == list(range(1, SAVED_AT + 1))
     saved = original / "checkpoints" / f"iter_{SAVED_AT:07d}"
     out: dict[str, dict[int, tuple[str, float]]] = {}
     resumed = _run(8, data, original, *_layout(2, 2, 2))  # resumes from its latest
     assert all(resumed[step] == first[step] for step in first)
-    out["a"] = {step: resumed[step] for step in range(SAVED_AT, STEPS)}
+    out["a"] = {step: resumed[step] for step in range(SAVED_AT + 1, STEPS + 1)}
     for name, (tp, pp, ep), world in (("b", (1, 1, 1), 1), ("c", (1, 2, 4), 8)):
         target = reshard(saved, tmp / f"resharded_{name}", tp=tp, pp=pp, ep=ep, verbose=False)
         meta = json.loads((target / "meta.json").read_text())
@@ -90,7 +90,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, demo_root: Path
 def test_resumed_from_resharded_checkpoint_trains_like_the_original(runs: dict, name: str
                                                                      ) -> None:
     original, resumed = runs["a"], runs[name]
-    assert sorted(original) == sorted(resumed) == list(range(SAVED_AT, STEPS))
+    assert sorted(original) == sorted(resumed) == list(range(SAVED_AT + 1, STEPS + 1))
     assert len({task for task, _ in original.values()}) > 1  # several tasks checked
     rel = {}
     for step in original:

@@ -161,9 +161,10 @@ def test_unknown_task_is_a_clear_error(demo: Path, capsys: pytest.CaptureFixture
 
 @pytest.mark.slow
 def test_random_weights_with_a_warning(demo: Path, tmp_path: Path) -> None:
-    """No checkpoint: evaluates the random initial weights and says so."""
+    """No checkpoint and --allow-random-weights: evaluates the random initial weights and says
+    so."""
     cmd = [sys.executable, "-m", "megatron_uni.evaluate", "--config", str(CONFIG),
-           "--tasks", "image_cls,mlm", *_overrides(demo, f"train.run_dir={tmp_path}")]
+           "--tasks", "image_cls,mlm", "--allow-random-weights", *_overrides(demo, f"train.run_dir={tmp_path}")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RANDOM" in proc.stderr + proc.stdout

@@ -33,5 +33,5 @@ def test_demo_under_mpiexec(demo_root: Path, tmp_path: Path) -> None:
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "distributed: mpi launcher, world 4 (tp 2, pp 1, cp 1, ep 2" in out.stdout + out.stderr
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 3]
+    assert steps == [1, 2, 3, 4]
     assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000004"

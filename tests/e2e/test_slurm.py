@@ -69,7 +69,7 @@ def test_demo_on_two_nodes(cluster: SlurmCluster, demo_root: Path, tmp_path: Pat
     assert seen == [(str(r), "4", str(r % 2), "2", "127.0.0.1", "slurm") for r in range(4)], log
     assert "distributed: slurm launcher, world 4 (tp 2, pp 1, cp 1, ep 2" in log
     assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
-    assert _steps(run) == list(range(6))
+    assert _steps(run) == list(range(1, 7))
     record = run / "launch"
     assert (record / "sbatch.sh").read_text().startswith("#!/bin/bash")
     assert "parallel:" in (record / "config.yaml").read_text()
@@ -100,5 +100,5 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster: SlurmCluster, d
     at = int(resumed.group(1))
     # Steps before the signal, then the rest from the checkpoint: none repeated from zero.
     assert 0 < at < steps
-    assert _steps(run) == list(range(steps)), log[-4000:]
+    assert _steps(run) == list(range(1, steps + 1)), log[-4000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == f"iter_{steps:07d}"

@@ -41,7 +41,7 @@ def test_train_writes_records_and_checkpoints(demo_root: Path, tmp_path: Path) -
     out = _run(_args(demo_root, run, "train.steps=4", "checkpoint.save_interval=2"))
     assert out.returncode == 0, out.stderr[-3000:]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # as the console counts
     for record in records:
         assert {"step", "task", "loss", "lr", "grad_norm", "tokens_per_s", "tflops"} <= set(record)
     assert (run / "config.yaml").exists() and (run / "git_revision.txt").read_text().strip()
@@ -64,8 +64,8 @@ def test_resume_is_exact(demo_root: Path, tmp_path: Path, precision: str) -> Non
     second = _run(_args(demo_root, split, "train.steps=6", p))
     assert second.returncode == 0, second.stderr[-3000:]
     a, b = _losses(whole), _losses(split)
-    assert sorted(b) == list(range(6))
-    for step in range(6):
+    assert sorted(b) == list(range(1, 7))
+    for step in range(1, 7):
         assert a[step][0] == b[step][0]
         assert a[step][1] == pytest.approx(b[step][1], rel=1e-5, abs=1e-6), step
 
