@@ -244,7 +244,12 @@ def run(cfg: Config, seq_len: int, num_microbatches: int, out_dir: Path) -> dict
     # A fresh model with other random weights must give the same loss once it loads the save.
     torch.manual_seed(cfg.train.seed + 1)
     fresh = build_gpt_moe(cfg, runtime)
-    fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), str(ckpt)))
+    from megatron_uni.training.safe_load import load_strategies  # noqa: PLC0415
+
+    sharded, common = load_strategies()  # never unpickles code, like every load of ours
+    fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), str(ckpt),
+                                                  sharded_strategy=sharded,
+                                                  common_strategy=common))
     after = mean_over_last_stage(forward_backward([fresh], eval_batches, forward_only=True))
     result = {"first_loss": first, "last_loss": last, "eval_loss": before, "reloaded_loss": after}
     if runtime.is_main:

@@ -304,6 +304,11 @@ class CheckpointConfig:
         "e.g. after switching between the distributed and the plain optimizer); the run's own "
         "checkpoints restore it whenever they hold this optimizer's kind"
     )
+    finetune: bool = _f(
+        False, help="initialising from checkpoint.load: take its weights only and start at step "
+        "0 with a fresh optimizer, schedule and data order (megatron's --finetune; e.g. "
+        "pre-training stage 2 from stage 1). The run's own checkpoints still resume normally"
+    )
     keep_saved_schedule: bool = _f(
         False, help="on resume, keep the checkpoint's lr schedule and optimizer settings (lr, "
         "min_lr, warmup, decay, weight decay, steps, Adam betas/eps); false: this run's config "

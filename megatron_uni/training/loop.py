@@ -144,6 +144,15 @@ class Trainer:
             # =false, for initialising from weights, must not drop it on every requeue).
             saved_kind = ckpt.read_meta(ckpt.resolve(own)).get("optimizer")
             load_optimizer = load_optimizer or saved_kind == ckpt.optimizer_kind(self.optimizer)
+        elif cfg.checkpoint.finetune:
+            if self.runtime.is_main:
+                log.info("initialising the weights from checkpoint.load=%s; starting at step 0 "
+                         "(checkpoint.finetune)", path)
+            # weights only (the optimizer's fp32 main copies are refreshed from them); the saved
+            # step, schedule and data position are not taken
+            ckpt.load_checkpoint(path, self.chunks, self.optimizer, self.scheduler, cfg,
+                                 load_optimizer=False)
+            return
         elif self.runtime.is_main:
             log.info("initialising from checkpoint.load=%s", path)
         # The data position is kept per global micro-batch slot: it continues under another

@@ -2,8 +2,8 @@
 datasets, written in the layouts of README.md ("Dataset layouts") by the same commands a user
 runs (tools.build_shards; img2dataset's own shard format for the web image-text sets).
 
-Per model (MoE-B, MoE-L, dense B, dense L): stage 1 trains 16 steps, then stage 2 loads stage
-1's checkpoint (its checkpoint.load) and trains 16 more. The recipe's task list, loss weights,
+Per model (MoE-B, MoE-L, dense B, dense L): stage 1 trains 16 steps, then stage 2 takes stage
+1's weights (its checkpoint.load with checkpoint.finetune) and trains 16 steps from step 0. The recipe's task list, loss weights,
 augmentation, MoE placement, optimizer and schedule stay; the test shrinks the model to
 configs/models/debug.yaml's sizes and every task's batch, image and text size, and sets the
 sampling weights so that each of the 16 steps draws another task (the draw of step k is a
@@ -141,7 +141,7 @@ def _run(recipe: str, root: Path, run_dir: Path, start: int, *extra: str) -> lis
             *_weights(recipe, start), *extra]
     assert run_ranks(_train, 1, args=(argv,), timeout=300) == [0]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(start, start + STEPS))
+    assert [r["step"] for r in records] == list(range(start + 1, start + STEPS + 1))
     assert all(np.isfinite(r["loss"]) for r in records)
     return [r["task"] for r in records]
 
@@ -153,8 +153,8 @@ def test_recipe_stages_train_every_task(model: str, mini_root: Path, tmp_path: P
     assert len(tasks) == 16
     trained = _run(stage1, mini_root, tmp_path / "stage1", 0)
     assert sorted(trained) == sorted(tasks)
-    # stage 2 from stage 1's checkpoint (the step counter comes along: it continues at 16)
-    trained = _run(stage2, mini_root, tmp_path / "stage2", STEPS,
+    # stage 2 from stage 1's weights (checkpoint.finetune: it starts again at step 0)
+    trained = _run(stage2, mini_root, tmp_path / "stage2", 0,
                    f"checkpoint.load={tmp_path / 'stage1' / 'checkpoints'}")
     assert sorted(trained) == sorted(load_config(RUNS / f"{stage2}.yaml").data.tasks)
 

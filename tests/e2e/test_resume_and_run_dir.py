@@ -104,6 +104,27 @@ def test_requeue_after_start_from_checkpoint_load_keeps_its_progress(
     assert [r["step"] for r in _records(run)] == [3, 4]
 
 
+def test_finetune_takes_the_weights_and_starts_at_step_zero(first: Path, demo_root: Path,
+                                                            tmp_path: Path) -> None:
+    """checkpoint.finetune (pre-training stage 2 from stage 1): the weights come from
+    checkpoint.load, the step, schedule and data order start afresh."""
+    from checkpoints_utils.common import read_tensors
+
+    run = tmp_path / "tuned"
+    args = demo_args(demo_root, run, "train.steps=1", "optim.lr=1e-12", "optim.min_lr=0", "optim.warmup_steps=0",
+                     f"checkpoint.load={first / 'checkpoints'}", "checkpoint.finetune=true")
+    code, text = run_entry("megatron_uni.train", args)
+    assert code == 0, text[-3000:]
+    assert "starting at step 0 (checkpoint.finetune)" in text
+    assert [r["step"] for r in _records(run)] == [1]
+    assert _records(run)[0]["lr"] == pytest.approx(1e-12)
+    # one step at lr 1e-12 leaves the loaded weights where they were (not a fresh init)
+    name = "tokenizer.norm.weight"
+    (before,) = read_tensors(first / "checkpoints" / "iter_0000002", [name]).values()
+    (after,) = read_tensors(run / "checkpoints" / "iter_0000001", [name]).values()
+    assert float((after - before).abs().max()) < 1e-6
+
+
 # --------------------------------------------------------------------------- run-dir lock
 def test_second_run_on_a_locked_run_dir_stops_and_touches_nothing(
         first: Path, demo_root: Path, tmp_path: Path) -> None:
