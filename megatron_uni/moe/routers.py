@@ -149,7 +149,8 @@ class Router(MegatronModule):
         table = None
         if rows is not None:
             table = (probs, index, gates) if constant_per_row else None
-            probs, routing_map, token_logits = probs[rows], routing_map[rows], unit_logits[rows]
+            probs, routing_map, token_logits = (t.index_select(0, rows)
+                                                for t in (probs, routing_map, unit_logits))
         valid = conditions.valid
         aux = None
         record = records_now(self.training)

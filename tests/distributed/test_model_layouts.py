@@ -232,3 +232,19 @@ def test_layout_reproduces_single_process(references, task: str, variant: str, l
     # parameters counted once, replicated ones not twice).
     for r in results:
         assert r["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
+
+
+def test_grouped_and_dispatch_agree_under_ddp(references) -> None:
+    """Through megatron's DDP the grouped path adds its expert gradients into ``main_grad``
+    itself (moe/grouped.py); the dispatch path's go through autograd: their single-process
+    gradients agree, expert weights included."""
+    grouped_out, grouped_loss, grouped_norm = references("captioning", "attribute-grouped")
+    dispatch_out, dispatch_loss, dispatch_norm = references("captioning", "attribute-dispatch")
+    a, b = torch.load(Path(grouped_out) / "grads.pt"), torch.load(Path(dispatch_out) / "grads.pt")
+    assert a.keys() == b.keys() and any("experts" in k for k in a)
+    for key in a:
+        scale = max(float(b[key].abs().max()), 1e-12)
+        assert float((a[key] - b[key]).abs().max()) / scale <= GRAD_RTOL, key
+    assert grouped_loss[0] / grouped_loss[1] == pytest.approx(dispatch_loss[0] / dispatch_loss[1],
+                                                              rel=LOSS_RTOL)
+    assert grouped_norm == pytest.approx(dispatch_norm, rel=1e-5)
