@@ -57,7 +57,7 @@ def test_train_past_max_bad_samples_is_a_message(cut_root: Path, tmp_path: Path)
 
 def test_evaluate_past_max_bad_samples_is_a_message(cut_root: Path, tmp_path: Path) -> None:
     out = _run("megatron_uni.evaluate", cut_root, tmp_path / "run", "data.max_bad_samples=0",
-               options=("--tasks", "image_cls"))
+               options=("--tasks", "image_cls", "--allow-random-weights"))
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     assert "error: task image_cls: 1 bad samples or shards" in out.stderr

@@ -202,8 +202,8 @@ def test_zero_shot_suite_evaluates(mini_root: Path, tmp_path: Path) -> None:
                "data.tasks.coco_caption_test.max_text_len=8",
                "data.tasks.coco_retrieval_test.max_text_len=12",
                "data.tasks.flickr30k_retrieval_test.max_text_len=12"]
-    argv = ["--config", str(config), f"data.root={mini_root}", f"train.run_dir={tmp_path}",
-            "checkpoint.load=null", *TINY, *shrink]
+    argv = ["--config", str(config), "--allow-random-weights", f"data.root={mini_root}",
+            f"train.run_dir={tmp_path}", "checkpoint.load=null", *TINY, *shrink]
     assert run_ranks(_evaluate, 1, args=(argv,), timeout=300) == [0]
     metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
     assert set(metrics) == set(suite)

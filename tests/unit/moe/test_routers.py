@@ -215,14 +215,20 @@ def _moe_layer_forward(router: str, execution: str, aux: float) -> list[str]:
     return detector.seen
 
 
+def _no_sync_case(rank: int, world: int, router: str, aux: float) -> list[str]:
+    from megatron_uni.config import Config, apply_overrides
+    from megatron_uni.parallel.initialize import initialize
+
+    initialize(apply_overrides(Config(), ["parallel.device=cpu"]))  # in a rank process: the
+    return _moe_layer_forward(router, "grouped", aux)  # CPU backend is process-wide
+
+
 @pytest.mark.parametrize("router", ["modality", "task", "attribute"])
 @pytest.mark.parametrize("aux", [0.0, 0.01])
 def test_grouped_path_and_table_routers_make_no_host_sync(router: str, aux: float) -> None:
-    from megatron_uni.parallel.initialize import initialize
-    from megatron_uni.config import Config, apply_overrides
+    from tests.multirank import run_ranks
 
-    initialize(apply_overrides(Config(), ["parallel.device=cpu"]))
-    assert _moe_layer_forward(router, "grouped", aux) == []
+    assert run_ranks(_no_sync_case, 1, args=(router, aux), timeout=120) == [[]]
 
 
 @pytest.mark.parametrize("kind,source", [("token", "spe"), ("context", "spe"), ("context", "mean")])
