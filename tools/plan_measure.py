@@ -63,6 +63,7 @@ def measure_rank(cfg: Config, rows: int, seq_len: int, micro_batches: int = 1) -
         "heap_before_step_bytes": heap.base - base,
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "saved_activation_bytes": saved.bytes,
+        "conditions": int(batches[0].attributes.shape[0]),
         "rank": runtime.rank,
     }
 
