@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from typing import Sequence
 
 from megatron_uni.config import Config, ConfigError, apply_overrides, load_config, validate
@@ -152,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         current, refused = None, str(err)
     plans = plan_all(cfg, hw, rows, seq_len, conditions, args.precision)
     if args.json is not None:
-        text = json.dumps({"gpus": hw.gpus, "hardware": vars(hw) if hasattr(hw, "__dict__")
-                           else hw.__repr__(), "rows": rows, "seq_len": seq_len,
+        text = json.dumps({"gpus": hw.gpus, "hardware": asdict(hw), "rows": rows,
+                           "seq_len": seq_len, "conditions": conditions,
                            "precision": args.precision,
                            "config_layout": current.as_dict() if current else refused,
                            "layouts": [p.as_dict() for p in plans]}, indent=1, default=str)

@@ -17,7 +17,8 @@ Memory per rank (bytes), on the stage that needs the most:
   attention output and its copy, the GELU input and output, both LayerScale inputs), plus the
   layer's boolean attention mask ``R S^2`` (not split over TP); an MoE layer adds its path's
   buffers: grouped, per expert linear the permuted input and sorted output ``n (i + o) / t`` and
-  the k selected expert copies and their merge ``(k + 1) A o i``; dispatch, the TP x EP group's
+  the k selected expert copies and their merge ``(k + 1) A o i``, and under TP the whole
+  sequence gather ``n o (1 - 1/t)`` behind the column output's slice (qkv, fc1); dispatch, the TP x EP group's
   gathered tokens and their routed copies ``(G n / t) (i + o) + (k G n / (t EP)) (i + o)``;
 - tokenizer and head: ``5 h n / t`` per micro-batch (stage 0 and the last stage);
 - full recompute: each layer keeps only its input ``h n / t``; the backward then holds one
@@ -163,6 +164,10 @@ def layer_activations(cfg: Config, layer: int, shape: Shape, a: int, paths: dict
     group = p.expert_tp() * ep
     for name in cfg.moe.linears:
         o, i = linear_shape(cfg, name)
+        if t > 1 and name in ("qkv", "fc1"):
+            # the column layout is a slice of the sequence all-gather [S, b, o]: the slice that
+            # attention / GELU saves keeps the whole gathered tensor alive
+            saved += a * n * o * (1 - 1 / t)
         if paths[name] == "grouped":
             saved += a * (n / t * (i + o) + (k + 1) * shape.conditions * o * i)
             if group > 1:
