@@ -87,7 +87,8 @@ def plan_verdict(cfg, world_size: int, gpus_per_node: int, gpu_memory_gib: float
     """The planner's verdict (``tools.plan``) for ``cfg``'s layout on ``world_size`` ranks, as
     lines to print; a :class:`LaunchError` with the reason and the planner's best layout when
     it cannot fit."""
-    from tools.plan import default_shape, layout_name, plan_all, plan_config, verdict  # noqa: PLC0415
+    from tools.plan import (  # noqa: PLC0415
+        default_shape, layout_name, plan_all, plan_config, verdict)
     from tools.plan_model import Hardware, gib  # noqa: PLC0415
 
     hw = Hardware(world_size, gpu_memory_gib, gpus_per_node=gpus_per_node)

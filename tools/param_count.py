@@ -152,8 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'total':<10} {total_b:>14,} {total_e:>14,}  ({total_b / 1e6:.1f}M)")
     if cfg.moe.enabled:
         c = moe_counts(cfg)
+        layers = cfg.moe.layer_indices(cfg.model.num_layers)
         print(f"MoE: {cfg.moe.num_experts} experts top-{cfg.moe.topk} on "
-              f"{'/'.join(cfg.moe.linears)} of layers {cfg.moe.layer_indices(cfg.model.num_layers)}")
+              f"{'/'.join(cfg.moe.linears)} of layers {layers}")
         for key in ("expert_params", "per_expert", "router_params", "active_per_token",
                     "deploy_one_condition", "deploy_per_extra_condition"):
             print(f"  {key:<28} {c[key]:>14,}  ({c[key] / 1e6:.1f}M)")

@@ -18,9 +18,10 @@ Memory per rank (bytes), on the stage that needs the most:
   layer's boolean attention mask ``R S^2`` (not split over TP); an MoE layer adds its path's
   buffers: grouped, per expert linear the permuted input and sorted output ``n (i + o) / t`` and
   the k selected expert copies and their merge ``(k + 1) A o i``, and under TP the whole
-  sequence gather ``n o (1 - 1/t)`` behind the column output's slice (qkv, fc1); dispatch, the TP x EP group's
-  gathered tokens and their routed copies ``(G n / t) (i + o) + (k G n / (t EP)) (i + o)``;
-- tokenizer and head: ``5 h n / t`` per micro-batch (stage 0 and the last stage);
+  sequence gather ``n o (1 - 1/t)`` behind the column output's slice (qkv, fc1); dispatch,
+  the TP x EP group's gathered tokens and their routed copies
+  ``(G n / t + k G n / (t EP)) (i + o)``;
+- tokenizer and head: ``5 h n / t`` per micro-batch, half on stage 0, half on the last stage;
 - full recompute: each layer keeps only its input ``h n / t``; the backward then holds one
   recomputed layer's activations and, at worst, as many bytes of their gradients (2 layers);
   without recompute the backward's working set is one ``n (f + h) / t`` gradient pair;
