@@ -9,7 +9,9 @@ distributed optimizer, megatron's forward-backward schedule on a captioning micr
 in-use C heap (glibc ``mallinfo2``: what torch's CPU allocator holds, sampled after every aten
 operator by ``tools.bench_counters.HeapPeakCounter``) during the third step, minus the heap in
 use just before the model was built (after the batch): weights, gradient buffers, optimizer
-state (created by the first step), activations and every temporary alive between two operators.
+state (created by the first step), activations and every temporary alive between two
+operators. On a GPU it is ``torch.cuda.max_memory_allocated`` during that step minus
+``memory_allocated`` before the build.
 """
 
 from __future__ import annotations
@@ -39,8 +41,12 @@ def measure_rank(cfg: Config, rows: int, seq_len: int, micro_batches: int = 1) -
     torch.manual_seed(cfg.train.seed)
     # the batch first: building it loads the text tokenizer (heap that is no part of a step)
     batches = [caption_batch(cfg, rows, seq_len, cfg.train.seed + i) for i in range(micro_batches)]
+    gpu = runtime.device.type == "cuda"
+    if gpu:  # on the GPU: the allocator's own counters
+        batches = [b.to(runtime.device) for b in batches]
+        torch.cuda.synchronize()
     gc.collect()
-    base = heap_bytes()
+    base = torch.cuda.memory_allocated() if gpu else heap_bytes()
     chunks, _ = build_model_chunks(cfg, runtime)
     optimizer = build_optimizer(cfg, chunks, runtime.use_cpu,
                                 resolved_precision(cfg, runtime.use_cpu))
@@ -56,11 +62,20 @@ def measure_rank(cfg: Config, rows: int, seq_len: int, micro_batches: int = 1) -
     step()
     with SavedActivationCounter(params) as saved:
         step()
-    with HeapPeakCounter() as heap:
+    if gpu:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        with HeapPeakCounter() as heap:
+            step()
+        before, peak = heap.base, heap.peak
     return {
-        "measured_peak_bytes": heap.peak - base,
-        "heap_before_step_bytes": heap.base - base,
+        "measured_peak_bytes": peak - base,
+        "heap_before_step_bytes": before - base,
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "saved_activation_bytes": saved.bytes,
         "conditions": int(batches[0].attributes.shape[0]),

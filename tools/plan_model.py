@@ -179,7 +179,8 @@ def layer_activations(cfg: Config, layer: int, shape: Shape, a: int, paths: dict
     return saved, transient
 
 
-def expert_paths(cfg: Config, shape: Shape, precision: str) -> dict[str, str]:
+def expert_paths(cfg: Config, shape: Shape, precision: str, device: str = "cuda"
+                 ) -> dict[str, str]:
     """The path ``moe.execution`` takes for each expert linear, decided as the layers decide it
     (``choose_execution`` on this micro-batch's shape and the layout)."""
     if not cfg.moe.enabled:
@@ -197,12 +198,14 @@ def expert_paths(cfg: Config, shape: Shape, precision: str) -> dict[str, str]:
             topk=cfg.moe.topk, in_features=i, out_features=o,
             local_experts=cfg.moe.num_experts // p.ep, group_size=p.expert_tp() * p.ep,
             etp=p.expert_tp(), element_bytes=_bytes(precision),
-            flops_per_byte=cfg.moe.auto_flops_per_byte or FLOPS_PER_BYTE["cuda"])
+            flops_per_byte=cfg.moe.auto_flops_per_byte or FLOPS_PER_BYTE[device])
     return out
 
 
-def plan_layout(cfg: Config, hw: Hardware, shape: Shape, precision: str = "bf16") -> Plan:
-    """Memory, FLOPs, communication and time of ``cfg``'s layout on ``hw.gpus`` ranks."""
+def plan_layout(cfg: Config, hw: Hardware, shape: Shape, precision: str = "bf16",
+                device: str = "cuda") -> Plan:
+    """Memory, FLOPs, communication and time of ``cfg``'s layout on ``hw.gpus`` ranks
+    (``device``: whose exchange rate ``moe.execution=auto`` uses, as the layers do)."""
     m, p, moe = cfg.model, cfg.parallel, cfg.moe
     world = hw.gpus
     dp, edp = p.dp(world), p.expert_dp(world)
@@ -212,7 +215,7 @@ def plan_layout(cfg: Config, hw: Hardware, shape: Shape, precision: str = "bf16"
     n = shape.rows * shape.seq_len
     mb = shape.micro_batches
     per_stage = m.num_layers // pp
-    paths = expert_paths(cfg, shape, precision)
+    paths = expert_paths(cfg, shape, precision, device)
     recompute = cfg.train.recompute
     plan = Plan(t, pp, ep, etp, dp, edp, recompute, mb, execution=paths)
 

@@ -41,7 +41,8 @@ def compare(name: str) -> tuple[float, float, dict]:
     measured = run_ranks(_measure, world, (overrides,), timeout=300)
     cfg = load_config("configs/models/debug.yaml", [*BASE, *overrides])
     conditions = measured[0]["conditions"]
-    plan = plan_layout(cfg, Hardware(world), Shape(ROWS, SEQ_LEN, conditions, 1), "fp32")
+    plan = plan_layout(cfg, Hardware(world), Shape(ROWS, SEQ_LEN, conditions, 1), "fp32",
+                       "cpu")
     return plan.total_bytes, max(r["measured_peak_bytes"] for r in measured), plan.memory
 
 
