@@ -88,6 +88,7 @@ class Plan:
     memory: dict[str, float] = field(default_factory=dict)  # bytes per rank, worst stage
     comm: dict[str, float] = field(default_factory=dict)  # bytes per rank and step, per axis
     comm_s: dict[str, float] = field(default_factory=dict)
+    comm_detail: dict[str, float] = field(default_factory=dict)  # the DP column's two parts
     execution: dict[str, str] = field(default_factory=dict)  # expert linear -> path
     flops: float = 0.0  # model FLOPs per step, all ranks (the training log's)
     compute_s: float = 0.0
@@ -283,8 +284,10 @@ def plan_layout(cfg: Config, hw: Hardware, shape: Shape, precision: str = "bf16"
     comm["ep"] *= mb
     params0 = rank_params(cfg, range(per_stage), True, pp == 1)
     both = 2 if moe.enabled else 1  # 0.16.1's chained optimizer gathers every buffer twice
-    comm["dp"] = (_ring(4.0 * params0["dense"], dp) + both * _ring(w * params0["dense"], dp)
-                  + _ring(4.0 * params0["expert"], edp) + both * _ring(w * params0["expert"], edp))
+    grads = _ring(4.0 * params0["dense"], dp) + _ring(4.0 * params0["expert"], edp)
+    gathers = both * (_ring(w * params0["dense"], dp) + _ring(w * params0["expert"], edp))
+    plan.comm_detail = {"dp_grad_reduce_scatter": grads, "dp_param_all_gather": gathers}
+    comm["dp"] = grads + gathers
     if pp > 1:
         comm["pp"] = 2.0 * mb * a * n / t * h  # activations forward, their gradients back
     plan.comm = comm
