@@ -198,6 +198,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-probe", action="store_true",
                    help="skip the topology-printing step before training")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="print tools.plan's verdict for the job's layout; refuse one that cannot "
+                   "fit (with the planner's best alternative)")
+    p.add_argument("--gpu-memory-gib", type=float, default=141.0,
+                   help="memory per GPU for --plan (default 141: H200)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     return p.parse_args(argv)
 
@@ -265,6 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         job = job_from_args(args)
+        if args.plan:
+            per_node = args.tasks_per_node or args.gpus_per_node
+            cfg = v.load_run_config(job.config, args.overrides, None, "")
+            for line in v.plan_verdict(cfg, args.nodes * per_node, per_node,
+                                       args.gpu_memory_gib,
+                                       "bf16" if args.gpus_per_node else "fp32"):
+                print(line, flush=True)
     except (ConfigError, v.LaunchError) as err:
         return report_error(err)
     script = job.render()

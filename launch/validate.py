@@ -80,3 +80,32 @@ def env_file(path: Path | None) -> dict[str, str]:
         return read_env_file(path)
     except (ValueError, UnicodeDecodeError, OSError) as err:
         raise LaunchError(f"--env-file {err}; write one KEY=VALUE per line") from None
+
+
+def plan_verdict(cfg, world_size: int, gpus_per_node: int, gpu_memory_gib: float,  # noqa: ANN001
+                 precision: str) -> list[str]:
+    """The planner's verdict (``tools.plan``) for ``cfg``'s layout on ``world_size`` ranks, as
+    lines to print; a :class:`LaunchError` with the reason and the planner's best layout when
+    it cannot fit."""
+    from tools.plan import (  # noqa: PLC0415
+        default_shape, layout_name, plan_all, plan_config, verdict)
+    from tools.plan_model import Hardware, gib  # noqa: PLC0415
+
+    hw = Hardware(world_size, gpu_memory_gib, gpus_per_node=gpus_per_node)
+    rows, seq_len, conditions = default_shape(cfg, None, None, 2)
+    plan = plan_config(cfg, hw, rows, seq_len, conditions, precision)
+    line = f"plan: {verdict(plan, hw)} (micro-batch {rows} x {seq_len}, {precision})"
+    if plan.fits:
+        return [line]
+    fitting = [p for p in plan_all(cfg, hw, rows, seq_len, conditions, precision) if p.fits]
+    if fitting:
+        best = fitting[0]
+        fix = (f"the planner's best layout that fits: {layout_name(best)} "
+               f"({gib(best.total_bytes):.1f} GiB per rank, est. {best.step_s:.2f} s/step): "
+               f"parallel.tp={best.tp} parallel.pp={best.pp} parallel.ep={best.ep} "
+               f"parallel.etp={best.etp} train.recompute={str(best.recompute).lower()}")
+    else:
+        fix = (f"no layout of {world_size} ranks fits {gpu_memory_gib:g} GiB; use more nodes or "
+               f"a smaller micro-batch (train.micro_batch_size)")
+    raise LaunchError(f"{line}: needs {gib(plan.total_bytes):.1f} GiB per rank, more than "
+                      f"{hw.headroom * gpu_memory_gib:.1f} usable; {fix}")

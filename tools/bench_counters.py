@@ -218,3 +218,60 @@ def matmul_ceiling(m: int, k: int, n: int, dtype: torch.dtype, device: torch.dev
         if i:  # the first is the warm-up
             best = min(best, (time.perf_counter() - start) / reps)
     return 2.0 * m * k * n / best
+
+
+def heap_bytes() -> int:
+    """Bytes the C heap has handed out and not taken back (glibc ``mallinfo2``: in-use chunks
+    of every arena plus mmapped blocks); torch's CPU allocator takes every tensor from it.
+    -1 where glibc is not there."""
+    import ctypes  # noqa: PLC0415
+
+    class _Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+    except (OSError, AttributeError):
+        return -1
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+class HeapPeakCounter:
+    """The CPU heap's high-water mark inside the ``with``, sampled after every aten operator.
+
+    torch's CPU allocator keeps no peak counter (and the RSS high-water mark also holds pages
+    glibc freed but kept), so this samples :func:`heap_bytes` from a ``TorchDispatchMode``
+    after each operator returns: ``peak`` is the largest in-use heap seen (its output alive,
+    its inputs too), ``peak - base`` what the block added over the heap at entry. Temporaries
+    freed inside one operator are not seen. CPU only (on GPU use ``max_memory_allocated``).
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+        counter = self
+
+        class _Sample(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+                out = func(*args, **(kwargs or {}))
+                now = heap_bytes()
+                if now > counter.peak:
+                    counter.peak = now
+                return out
+
+        self._mode = _Sample()
+        self.base = 0
+        self.peak = 0
+
+    def __enter__(self) -> "HeapPeakCounter":
+        self.base = self.peak = heap_bytes()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)
+        self.peak = max(self.peak, heap_bytes())

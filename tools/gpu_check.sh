@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check, one command, for a single-GPU machine with Python 3.12 and torch 2.11 but no
-# megatron-core (the device tool's nvidia-h200 kind), in under 8 minutes:
+# megatron-core (the device tool's nvidia-h200 kind), in under 10 minutes:
 #   (i)   one fp32 training step of a small attribute-routed MoE model (grouped and dispatch) on
 #         the GPU against the same step on the CPU from the same weights and batch: loss and
 #         every gradient within tolerance (tests/gpu/test_gpu_step.py, marker gpu);
 #   (ii)  the same step in bf16: finite and close to fp32 (same test);
 #   (iii) tools.bench_step at MoE-B and MoE-L sizes, bf16, one GPU: dense, attr-grouped,
 #         attr-dispatch, token-dispatch, mcore-dense, mcore-moe, ref-dense, ref-merged; JSON and
-#         Markdown into $OUT when set (else runs/gpu_check/).
+#         Markdown into $OUT when set (else runs/gpu_check/);
+#   (iv)  tools.plan's per-rank memory against the allocated peak of real bf16 steps of MoE-B
+#         and MoE-L, within 20 % (tests/gpu/test_gpu_memory.py; run before (iii));
 #
 #   bash tools/fetch_gpu_wheels.sh          # here, once: the wheels into .whl/ (git-ignored)
 #   bash tools/gpu_check.sh                 # there, with .whl carried (device tool: carry [".whl"])
@@ -48,9 +50,15 @@ fi
 echo "== (i)+(ii) one step GPU vs CPU (fp32), then bf16 [$(elapsed)]"
 # time limits keep the whole check under 8 minutes (bench_step rewrites its JSON/Markdown after
 # every variant, so a run cut short keeps its rows)
-LIMIT_TEST=120 LIMIT_BASE=130 LIMIT_LARGE=190
-[ $DRY = 1 ] && LIMIT_TEST=300 LIMIT_BASE=300
-timeout $LIMIT_TEST "$PY" -m pytest -q -s -p no:cacheprovider tests/gpu 2>&1 | tee "$OUTDIR/gpu_step.log"
+LIMIT_TEST=120 LIMIT_MEMORY=100 LIMIT_BASE=130 LIMIT_LARGE=190
+[ $DRY = 1 ] && LIMIT_TEST=300 LIMIT_MEMORY=200 LIMIT_BASE=300
+timeout $LIMIT_TEST "$PY" -m pytest -q -s -p no:cacheprovider tests/gpu/test_gpu_step.py 2>&1 \
+    | tee "$OUTDIR/gpu_step.log"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== (iv) planned vs allocated memory, MoE-B and MoE-L [$(elapsed)]"
+timeout $LIMIT_MEMORY "$PY" -m pytest -q -s -p no:cacheprovider tests/gpu/test_gpu_memory.py 2>&1 \
+    | tee "$OUTDIR/gpu_memory.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 VARIANTS=dense,attr-grouped,attr-dispatch,token-dispatch,mcore-dense,mcore-moe,ref-dense,ref-merged
