@@ -49,12 +49,26 @@ def _residual_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpec:
     )
 
 
+def task_route(cfg: Config) -> tuple[int, ...]:
+    """Per task id, the task whose router row it uses: itself when it trains (weight > 0), the
+    task named by ``moe.unseen_task_route`` otherwise, or -1 (refused) under ``refuse``.
+
+    "Never trained" is decided from the config: a task of weight 0 is not in the training
+    mixture, so its row of the task router's table never received a gradient."""
+    names = list(cfg.data.tasks)
+    fallback = cfg.moe.unseen_task_route
+    other = names.index(fallback) if fallback != "refuse" and fallback in names else -1
+    return tuple(i if cfg.data.tasks[n].weight > 0 else other for i, n in enumerate(names))
+
+
 def _router_spec(cfg: Config, tracker: RoutingTracker, name: str) -> ModuleSpec:
     cls = router_class(cfg.moe)
     params = {"moe": cfg.moe, "hidden_size": cfg.model.hidden_size, "tracker": tracker,
               "name": name}
     if cls is TableRouter:
         params["num_tasks"] = max(len(cfg.data.tasks), 1)
+        params["task_names"] = tuple(cfg.data.tasks)
+        params["task_route"] = task_route(cfg)
     return ModuleSpec(module=cls, params=params)
 
 
