@@ -61,6 +61,19 @@ def task_route(cfg: Config) -> tuple[int, ...]:
     return tuple(i if cfg.data.tasks[n].weight > 0 else other for i, n in enumerate(names))
 
 
+def refused_task(cfg: Config, name: str) -> str | None:
+    """Why the model refuses to run task ``name`` (the task router on a task that never
+    trained, under ``moe.unseen_task_route=refuse``), or None. Decided from the config alone,
+    so every rank agrees without a collective."""
+    from megatron_uni.moe.routers import unseen_task_message  # noqa: PLC0415
+
+    if not (cfg.moe.enabled and cfg.moe.router == "task") or name not in cfg.data.tasks:
+        return None
+    if task_route(cfg)[list(cfg.data.tasks).index(name)] >= 0:
+        return None
+    return unseen_task_message(name)
+
+
 def _router_spec(cfg: Config, tracker: RoutingTracker, name: str) -> ModuleSpec:
     cls = router_class(cfg.moe)
     params = {"moe": cfg.moe, "hidden_size": cfg.model.hidden_size, "tracker": tracker,

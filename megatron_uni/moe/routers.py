@@ -229,6 +229,14 @@ class UnseenTaskError(ValueError):
     """The task router met a task that never trained and ``moe.unseen_task_route=refuse``."""
 
 
+def unseen_task_message(name: str) -> str:
+    """Why the task router refuses task ``name``, and the alternatives."""
+    return (f"task {name!r} never trained (weight 0 in data.tasks), so the task router has no "
+            f"trained gate for it: task routing cannot route a new task. Route it like a trained "
+            f"task with moe.unseen_task_route=<task name>, or use a router that generalises "
+            f"(moe.router=attribute, modality, token or context)")
+
+
 class TableRouter(Router):
     """Segment-constant routing by modality, task or attribute: gates per distinct condition."""
 
@@ -237,8 +245,7 @@ class TableRouter(Router):
                  task_names: tuple[str, ...] = (),
                  task_route: tuple[int, ...] | None = None) -> None:
         """``task_route[t]``: the task whose gate row task ``t`` uses (itself when it trained;
-        another trained task under ``moe.unseen_task_route``; -1 = never trained, refused).
-        None: every task routes by its own row."""
+        another trained task under ``moe.unseen_task_route``; -1 = never trained, refused)."""
         if moe.router not in SEGMENT_CONSTANT:
             raise ValueError(f"TableRouter routes by {', '.join(SEGMENT_CONSTANT)}, not "
                              f"{moe.router!r}")
@@ -248,7 +255,8 @@ class TableRouter(Router):
         self.strategy = moe.router
         self.num_tasks = num_tasks
         self.task_names = tuple(task_names)
-        self.task_route = tuple(range(num_tasks)) if task_route is None else tuple(task_route)
+        route = tuple(task_route or ())  # tasks it does not list route by their own row
+        self.task_route = route + tuple(range(len(route), num_tasks))
 
     def logits_of(self, features: torch.Tensor) -> torch.Tensor:
         """features: condition vectors [A, D] (0/1 attribute bits, one-hot modality / task)."""
@@ -269,11 +277,7 @@ class TableRouter(Router):
         if task < 0:
             name = (self.task_names[conditions.task_id]
                     if conditions.task_id < len(self.task_names) else f"#{conditions.task_id}")
-            raise UnseenTaskError(
-                f"task {name!r} never trained (weight 0 in data.tasks), so the task router has "
-                f"no trained gate for it: task routing cannot route a new task. Route it like a "
-                f"trained task with moe.unseen_task_route=<task name>, or use a router that "
-                f"generalises (moe.router=attribute, modality, token or context)")
+            raise UnseenTaskError(unseen_task_message(name))
         one_hot = torch.eye(self.num_tasks, device=device)[task : task + 1]
         return one_hot, torch.zeros_like(conditions.modality)
 
