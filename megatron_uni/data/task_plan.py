@@ -25,7 +25,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from megatron_uni.config import Config, ConfigError, TaskConfig
@@ -352,7 +352,10 @@ def plan_training_tasks(
         )
     per_rank = cfg.data.task_sampling == "per_rank"
     if per_rank:
-        by_rank = [shared_target_sets(cfg, r, dp_size, tokenizer) for r in range(dp_size)]
+        # Read and tokenise the sets once; only the shards differ by rank.
+        sets, owners = shared_target_sets(cfg, dp_rank, dp_size, tokenizer)
+        by_rank = [(tuple(replace(t, shard=target_shard(len(t.targets), r, dp_size))
+                          for t in sets), owners) for r in range(dp_size)]
     plans = {}
     for name, task in cfg.data.tasks.items():
         if task.weight > 0:
