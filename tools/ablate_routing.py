@@ -153,7 +153,7 @@ def plot(summary: dict[str, dict], held_out: set[str], path: Path) -> Path | Non
         ax.bar(xs, means, width, yerr=stds, capsize=2, label=n)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([f"{t}\n{m}" + ("\n(held out)" if t in held_out else "")
-                        for t, m in rows], fontsize=7)
+                        for t, m in rows], fontsize=7, rotation=35, ha="right")
     ax.set_ylabel("%  (mean +- std over seeds)")
     ax.legend(fontsize=7, ncol=len(names))
     fig.tight_layout()
