@@ -358,6 +358,8 @@ class MultiTaskLoader:
             "seed": s.seed,
             "reader_streams": s.num_streams,
             "num_slots": s.num_slots,
+            "task_sampling": "per_step" if s.draw_unit is None else "per_rank",
+            "slots_per_draw": self.slots_per_draw,
             "slots": [
                 {"slot": g,
                  "positions": {t: [list(p) if p is not None else None for p in ps]
@@ -388,6 +390,15 @@ class MultiTaskLoader:
                     + (" (slots = train.global_batch_size / train.micro_batch_size)"
                        if key == "num_slots" else "")
                 )
+        mine = ("per_step" if s.draw_unit is None else "per_rank", self.slots_per_draw)
+        theirs = (state.get("task_sampling", "per_step"), state.get("slots_per_draw", mine[1]))
+        if theirs != mine:
+            # The positions stay valid (they are per slot and task); which task a slot trains
+            # at each step changes from here on.
+            logger.warning(
+                "data position saved with task sampling %s over %s slots per draw, this run "
+                "%s over %s: the streams continue, the tasks per slot and step follow this run",
+                *theirs, *mine)
         saved = {int(entry["slot"]): entry for entry in state["slots"]}
         missing = [g for g in s.slots if g not in saved]
         if missing:
