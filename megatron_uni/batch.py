@@ -100,6 +100,16 @@ class LossSpec:
     split_targets: bool = False  # targets are this rank's shard of a set split over DP
     num_targets: int = -1  # length of the full target list (the gathered shards are padded)
     loss_weight: float = 1.0
+    # Under data.task_sampling=per_rank every rank encodes its shard of every shared target set
+    # each step, whatever its task (data/tasks.py with_shared_targets): flat indices of those
+    # target SPEs, set after set, the shard length and full length of each set, and which set
+    # is this task's own (-1: none). ``local_negatives``: retrieval takes negatives from this
+    # rank's batch only (per_rank: other ranks may train other tasks).
+    shared_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    shared_sizes: tuple[int, ...] = ()
+    shared_num_targets: tuple[int, ...] = ()
+    own_shared: int = -1
+    local_negatives: bool = False
 
 
 @dataclass

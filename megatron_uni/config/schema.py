@@ -26,6 +26,7 @@ TokenDispatcher = Literal["allgather", "alltoall"]
 ContextSource = Literal["spe", "mean"]
 Device = Literal["auto", "cpu", "cuda"]
 Backend = Literal["auto", "nccl", "gloo"]
+TaskSampling = Literal["per_step", "per_rank"]
 TaskType = Literal["image_classification", "video_classification", "mlm", "captioning", "retrieval"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DecayStyle = Literal["cosine", "linear", "constant"]
@@ -143,6 +144,10 @@ class MoEConfig:
     auto_flops_per_byte: float | None = _f(
         None, help="auto's exchange rate: FLOPs that one byte of collective traffic costs; null = "
         "the device's default (cuda 2000, cpu 100)")
+    unseen_task_route: str = _f(
+        "refuse", help="task router on a task that never trained (weight 0): refuse (an error), "
+        "or the name of a trained task whose route it takes"
+    )
     token_dispatcher: TokenDispatcher = _f("allgather", help="megatron token dispatcher")
     context_source: ContextSource = _f("spe", help="context router input: SPE token or mean")
 
@@ -253,6 +258,13 @@ class DataConfig:
     )
     shuffle_buffer: int = _f(64, help="samples shuffled together within a shard (1 = file order)")
     prefetch_factor: int = _f(2, help="steps each loader worker prepares ahead")
+    task_sampling: TaskSampling = _f(
+        "per_step", help="per_step: one task per step for the whole global batch (data order "
+        "independent of the data-parallel size); per_rank: each data-parallel replica (with the "
+        "replicas one expert-parallel token exchange spans) draws its own task per step, as the "
+        "reference's WeightedBatchSampler (better on the demo at 100-300 steps, README; not the "
+        "default until the demo's numbers are measured under it)"
+    )
     tasks: dict[str, TaskConfig] = _f(help="task name -> task", factory=dict)
 
 

@@ -328,6 +328,14 @@ def _check_data(cfg: Config) -> None:
             fix=f"set data.num_workers to 0 or one of {ok}, or data.reader_streams to a "
             f"multiple of {d.num_workers}",
         )
+    route = cfg.moe.unseen_task_route
+    if route != "refuse" and tasks and (route not in tasks or tasks[route].weight <= 0):
+        trained = [n for n, t in tasks.items() if t.weight > 0]
+        raise ConfigError(
+            f"moe.unseen_task_route names {route!r}, which is not a trained task",
+            field="moe.unseen_task_route", value=route,
+            fix=f"use refuse or one of {', '.join(trained)} (tasks with weight > 0)",
+        )
     for name, task in tasks.items():
         _check_task(cfg, name, task)
 

@@ -17,6 +17,20 @@ Tasks it supports: image classification, video classification, MLM, image captio
 image-text retrieval, and, held out from training, video-text retrieval: video captions
 ("a small red circle moving left") combine shape words learnt from images with motion words
 learnt from video classification, so video-text retrieval can be evaluated zero-shot.
+
+Why the held-out combination is learnable from the seen tasks (checked by
+:func:`held_out_words_unseen`, tests/unit/data/test_demo.py): every word of a video caption
+occurs in a seen task's text (size / colour / shape words in image captions and MLM sentences,
+"moving left" in the video class names and in MLM sentences such as "the red circle is moving
+left."), and videos are drawn by the same renderer as images (same shapes, colours, sizes,
+backgrounds), so a video's first frame is an in-distribution image. What no seen task shows is
+the pairing of a video clip with a caption in a retrieval: that is the zero-shot step.
+
+Chance levels (:func:`chance_levels`, also written to ``demo.json``): classification top-1
+1/16 (images) and 1/4 (videos); retrieval R@K = K/N over N eval pairs (N = 200 by default:
+R@1 0.5 %, R@5 2.5 %, R@10 5 %). Video captions name 2 x 4 x 4 x 4 = 128 attribute
+combinations, so among 200 eval clips a model that reads every attribute right still ties with
+the other clips of the same combination (1.6 per combination on average).
 """
 
 from __future__ import annotations
@@ -167,6 +181,25 @@ def text_sample(rng: np.random.Generator) -> dict[str, bytes | str]:
     return {"txt": " ".join(sentence(rng) for _ in range(int(rng.integers(1, 3))))}
 
 
+def chance_levels(num_eval: int) -> dict[str, float]:
+    """Expected metrics of a model that guesses, for the demo's eval sets of ``num_eval``."""
+    return {"image_cls_top1": 1 / len(IMAGE_CLASSES), "video_cls_top1": 1 / len(VIDEO_CLASSES),
+            **{f"retrieval_r{k}": min(1.0, k / num_eval) for k in (1, 5, 10)}}
+
+
+def held_out_words_unseen(num: int = 400, seed: int = 0) -> set[str]:
+    """Words of held-out video captions that no seen task's text has (empty: the held-out
+    captions are made of seen words). Seen texts: image captions, class names, MLM sentences."""
+    rng = np.random.default_rng(seed)
+    words = lambda text: set(text.replace(".", " ").replace(",", " ").split())  # noqa: E731
+    seen = set().union(*(words(n) for n in IMAGE_CLASSES + VIDEO_CLASSES))
+    held: set[str] = set()
+    for _ in range(num):
+        seen |= words(str(image_sample(rng)[0]["txt"])) | words(str(text_sample(rng)["txt"]))
+        held |= words(str(video_sample(rng)[0]["txt"]))
+    return held - seen
+
+
 def _write(out: Path, prefix: str, count: int, num_shards: int,
            make: Callable[[np.random.Generator], dict[str, bytes | str]],
            rng: np.random.Generator, texts: list[str], progress: Callable[[int], None]
@@ -216,6 +249,7 @@ def make_demo_data(
         "seed": seed, "num_train": num_train, "num_eval": num_eval, "image_size": IMAGE_SIZE,
         "video_frames": VIDEO_FRAMES, "image_classes": IMAGE_CLASSES,
         "video_classes": VIDEO_CLASSES, "vocab_size": len(vocab),
+        "chance": chance_levels(num_eval),
         "shards": {k: {"samples": s.samples, "shards": len(s.shards), "bytes": s.bytes,
                        "pattern": s.pattern} for k, s in summaries.items()},
     }, indent=2, sort_keys=True) + "\n")

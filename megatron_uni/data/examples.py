@@ -202,7 +202,8 @@ def make_micro_batch(
     """Pack ``examples`` into the task's [R, S] batch with its targets (``tasks`` builders)."""
     cfg = plan.cfg
     common = dict(seq_len=plan.seq_len, num_rows=plan.num_rows, task_id=plan.task_id,
-                  task_name=plan.name, loss_weight=cfg.loss_weight)
+                  task_name=plan.name, loss_weight=cfg.loss_weight,
+                  mix=plan.mix if train else None)
     images = stack_clips([e.clip for e in examples if e.clip is not None])
     try:
         if plan.family == "classification":

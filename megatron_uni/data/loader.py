@@ -1,9 +1,18 @@
 """The multi-task training stream (:class:`MultiTaskLoader`) and evaluation (:class:`EvalLoader`).
 
-Each training step trains one task, drawn by weight from ``(data.seed, step)`` alone
-(:mod:`megatron_uni.data.sampler`): every data-parallel rank trains the same task at the same
-step, because retrieval negatives and split target sets are gathered across data-parallel ranks
-and those collectives need every rank in the same task.
+Which task a step trains (:mod:`megatron_uni.data.sampler`), by ``data.task_sampling``:
+- ``per_step``: one task per step, drawn by weight from ``(data.seed, step)``; every
+  data-parallel rank trains it (retrieval then gathers negatives across all ranks);
+- ``per_rank`` (the reference's ``WeightedBatchSampler``): each *draw unit* draws its own task
+  from ``(data.seed, step, unit)``. A unit is ``draw_ranks`` consecutive data-parallel replicas
+  (``slots_per_draw = draw_ranks * num_microbatches`` slots; slot ``g`` is in unit
+  ``g // slots_per_draw``): one replica, or the replicas that one expert-parallel token exchange
+  spans when the MoE path needs equal shapes across it (training/loop.py ``task_draw_ranks``).
+  TP / PP peers read the same slots, so they draw alike. All micro-batches of a rank share the
+  draw (megatron's schedule needs one [R, S] per rank per step). Split target sets are encoded
+  in shards by every rank every step whatever its task (data/tasks.py ``TargetMix``), so their
+  gather stays aligned; retrieval takes in-batch negatives only (other ranks may be in other
+  tasks; heads.py).
 
 The global batch is a function of the step, as in megatron: a step is ``G`` global micro-batch
 *slots* (``G = dp_size * num_microbatches`` = ``train.global_batch_size /
@@ -76,6 +85,23 @@ def slot_range(dp_rank: int, num_microbatches: int) -> range:
     return range(dp_rank * num_microbatches, (dp_rank + 1) * num_microbatches)
 
 
+def task_draw_ranks(cfg: Config) -> int:
+    """Consecutive data-parallel replicas that must share a task draw under per-rank mixing.
+
+    TP / PP peers of a replica share it by construction (same slots). Expert-parallel groups
+    span data-parallel replicas: megatron's EP x expert-TP group of a rank is ``ep * etp``
+    consecutive ranks of one pipeline stage, i.e. ``ep * etp / tp`` consecutive replicas. They
+    must train one shape when the expert linears may exchange tokens: the all-gather token
+    dispatcher gathers ``[rows * seq_len, h]`` across that group (equal sizes), and ``auto``
+    picks dispatch or grouped from the micro-batch's shape, so peers of different shapes would
+    run different collectives. ``moe.execution=grouped`` gathers only expert weights (shapes
+    fixed by the model), so each replica draws on its own there, as without MoE or EP."""
+    p, moe = cfg.parallel, cfg.moe
+    if not moe.enabled or p.ep == 1 or moe.execution == "grouped":
+        return 1
+    return max(1, p.ep * p.expert_tp() // p.tp)
+
+
 @dataclass
 class _Step:
     """One produced step, with the positions (per slot) of the stream it used after it."""
@@ -101,6 +127,7 @@ class _Setup:
     shuffle_buffer: int
     max_bad_samples: int
     start_step: int
+    draw_unit: int | None = None  # per-rank mixing: this rank's draw unit (None: per step)
     # [slot][task] -> per stream: position / bad-sample count
     positions: dict[int, dict[str, list[tuple[int, int, int] | None]]] = field(
         default_factory=dict)
@@ -144,14 +171,14 @@ class _Producer:
         failures)."""
         s = self.setup
         if self._history is None:
-            self._history = s.sampler.indices(0, s.start_step)
+            self._history = s.sampler.indices(0, s.start_step, s.draw_unit)
         steps = np.arange(s.start_step)
         drawn = (self._history == s.sampler.names.index(task)) & (steps % s.num_streams == v)
         return int(drawn.sum()) * s.plans[task].cfg.micro_batch_size
 
     def produce(self, step: int) -> _Step:
         s = self.setup
-        task = s.sampler.task_at(step)
+        task = s.sampler.task_at(step, s.draw_unit)
         v = step % s.num_streams
         plan, decoder = s.plans[task], self.decoders[task]
         batches, positions, bad = [], [], []
@@ -209,7 +236,8 @@ class MultiTaskLoader:
 
     ``next_step() -> (task name, [PackedBatch] * num_microbatches)``; also an iterator of
     those. ``state_dict()`` / ``load_state_dict()`` save and restore the data position.
-    ``num_workers`` overrides ``data.num_workers``.
+    ``num_workers`` overrides ``data.num_workers``. ``draw_ranks``: under per-rank mixing, the
+    consecutive data-parallel replicas that share one task draw (must divide ``dp_size``).
     """
 
     def __init__(
@@ -221,6 +249,7 @@ class MultiTaskLoader:
         start_step: int = 0,
         *,
         num_workers: int | None = None,
+        draw_ranks: int = 1,
     ) -> None:
         if num_microbatches < 1:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
@@ -240,11 +269,20 @@ class MultiTaskLoader:
             _check_transforms(plan, tokenizer)
         sampler = TaskSampler({n: cfg.data.tasks[n].weight for n in self.plans}, d.seed)
         slots = slot_range(dp_rank, num_microbatches)
+        unit = None
+        self.draw_ranks = draw_ranks  # kept for a loader rebuilt at another start step
+        if d.task_sampling == "per_rank":
+            if draw_ranks < 1 or dp_size % draw_ranks:
+                raise ValueError(f"draw_ranks={draw_ranks} must divide dp_size={dp_size}")
+            self.slots_per_draw = draw_ranks * num_microbatches
+            unit = slots[0] // self.slots_per_draw
+        else:
+            self.slots_per_draw = dp_size * num_microbatches
         self._setup = _Setup(
             plans=self.plans, sampler=sampler, seed=d.seed, slots=slots,
             num_slots=dp_size * num_microbatches, num_streams=d.reader_streams,
             shuffle_buffer=d.shuffle_buffer, max_bad_samples=d.max_bad_samples,
-            start_step=start_step,
+            start_step=start_step, draw_unit=unit,
             positions={g: {n: [None] * d.reader_streams for n in self.plans} for g in slots},
             bad={g: {n: [0] * d.reader_streams for n in self.plans} for g in slots},
         )
@@ -321,6 +359,8 @@ class MultiTaskLoader:
             "seed": s.seed,
             "reader_streams": s.num_streams,
             "num_slots": s.num_slots,
+            "task_sampling": "per_step" if s.draw_unit is None else "per_rank",
+            "slots_per_draw": self.slots_per_draw,
             "slots": [
                 {"slot": g,
                  "positions": {t: [list(p) if p is not None else None for p in ps]
@@ -351,6 +391,15 @@ class MultiTaskLoader:
                     + (" (slots = train.global_batch_size / train.micro_batch_size)"
                        if key == "num_slots" else "")
                 )
+        mine = ("per_step" if s.draw_unit is None else "per_rank", self.slots_per_draw)
+        theirs = (state.get("task_sampling", "per_step"), state.get("slots_per_draw", mine[1]))
+        if theirs != mine:
+            # The positions stay valid (they are per slot and task); which task a slot trains
+            # at each step changes from here on.
+            logger.warning(
+                "data position saved with task sampling %s over %s slots per draw, this run "
+                "%s over %s: the streams continue, the tasks per slot and step follow this run",
+                *theirs, *mine)
         saved = {int(entry["slot"]): entry for entry in state["slots"]}
         missing = [g for g in s.slots if g not in saved]
         if missing:

@@ -137,6 +137,7 @@ def pack(
             loss,
             query_index=_flatten(loss.query_index, placement, seq_len),
             target_index=_flatten(loss.target_index, placement, seq_len),
+            shared_index=_flatten(loss.shared_index, placement, seq_len),
         )
     return PackedBatch(
         text_ids=text_ids,

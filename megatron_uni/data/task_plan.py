@@ -25,13 +25,13 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from megatron_uni.config import Config, ConfigError, TaskConfig
 from megatron_uni.batch import FAMILY_OF_TASK_TYPE
 from megatron_uni.data.readers import expand_shards, missing_shards
-from megatron_uni.data.tasks import target_shard
+from megatron_uni.data.tasks import SharedTargets, TargetMix, target_shard
 from megatron_uni.data.text_tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class TaskPlan:
     class_names: tuple[tuple[int, ...], ...]  # classification targets (BPE ids per name)
     vocab: tuple[int, ...]  # MLM / captioning targets (one BPE id each)
     target_shard: range | None  # this rank's part of a split target set
+    mix: TargetMix | None = None  # per-rank mixing: the shared target sets every rank encodes
 
     @property
     def num_targets(self) -> int:
@@ -184,9 +185,12 @@ def worst_case_rows(
 
 def plan_task(
     cfg: Config, name: str, dp_rank: int, dp_size: int, tokenizer: ClipTokenizer,
-    *, need_train: bool, need_eval: bool,
+    *, need_train: bool, need_eval: bool, mixes: Sequence[TargetMix] | None = None,
 ) -> TaskPlan:
-    """Resolve task ``name`` for ``dp_rank`` of ``dp_size``; raises ConfigError naming it."""
+    """Resolve task ``name`` for ``dp_rank`` of ``dp_size``; raises ConfigError naming it.
+
+    ``mixes`` (per-rank mixing): this task's :class:`TargetMix` as every data-parallel rank
+    sees it (index = rank); the rows then also hold the other shared target sets' shards."""
     task = cfg.data.tasks[name]
     family = FAMILY_OF_TASK_TYPE[task.type]
     video = task.video if task.video is not None else (
@@ -247,6 +251,17 @@ def plan_task(
         worst_case_rows(family, task.micro_batch_size, S, clip_tokens, max_text, target_lengths(s))
         for s in shards_over_ranks
     )
+    if mixes:
+        # The other shared sets' shards follow in rows of their own (an upper bound: first fit
+        # may put them into the gaps), as many as the worst rank needs.
+        extra = max(first_fit_rows(_mix_lengths(m), S) for m in mixes)
+        needed += extra
+        longest_extra = max((n for m in mixes for n in _mix_lengths(m)), default=0)
+        if longest_extra > S:
+            raise ConfigError(
+                f"task {name}: a shared target of {longest_extra} tokens does not fit rows of "
+                f"{S} (data.task_sampling=per_rank packs every shared target set)",
+                field=_field(name, "seq_len"), value=S, fix=f"raise {_field(name, 'seq_len')}")
     num_rows = task.num_rows if task.num_rows is not None else needed
     if num_rows < needed:
         if family == "classification":
@@ -265,7 +280,41 @@ def plan_task(
         video=video, patch_size=cfg.model.patch_size, clip_tokens=clip_tokens, seq_len=S,
         num_rows=num_rows, max_text_len=max_text, shards=tuple(shards),
         eval_shards=tuple(eval_shards), class_names=class_names, vocab=vocab, target_shard=shard,
+        mix=mixes[dp_rank] if mixes else None,
     )
+
+
+def _mix_lengths(mix: TargetMix) -> list[int]:
+    """Token lengths of the shared targets a rank packs besides its own set's."""
+    return [1 + len(s.targets[min(i, len(s.targets) - 1)])
+            for k, s in enumerate(mix.sets) if k != mix.own for i in s.shard]
+
+
+def shared_target_sets(
+    cfg: Config, dp_rank: int, dp_size: int, tokenizer: ClipTokenizer
+) -> tuple[tuple[SharedTargets, ...], dict[str, int]]:
+    """The split target sets of the training mixture (tasks of weight > 0 with
+    ``split_target_set``), in config order and one per distinct file and kind (MLM and
+    captioning scoring the same vocabulary share it), with ``dp_rank``'s shards; and per task
+    the index of its own set."""
+    sets: dict[str, SharedTargets] = {}
+    own: dict[str, int] = {}
+    for name, task in cfg.data.tasks.items():
+        if task.weight <= 0 or not task.split_target_set:
+            continue
+        family = FAMILY_OF_TASK_TYPE[task.type]
+        if family == "retrieval":
+            continue
+        class_names, vocab = load_target_set(name, task, cfg.data.root, tokenizer)
+        kind = "classes" if family == "classification" else "vocab"
+        key = f"{kind}:{task.target_set}"
+        if key not in sets:
+            targets = class_names if kind == "classes" else tuple((t,) for t in vocab)
+            attribute = "text_target" if kind == "classes" else "vocab_target"
+            sets[key] = SharedTargets(key, targets, attribute,
+                                      target_shard(len(targets), dp_rank, dp_size))
+        own[name] = list(sets).index(key)
+    return tuple(sets.values()), own
 
 
 def _shard_list(cfg: Config, name: str, key: str, required: bool) -> list[str]:
@@ -301,11 +350,19 @@ def plan_training_tasks(
             "no tasks to train", field="data.tasks",
             fix="add tasks (e.g. include: ../tasks/demo.yaml)",
         )
+    per_rank = cfg.data.task_sampling == "per_rank"
+    if per_rank:
+        # Read and tokenise the sets once; only the shards differ by rank.
+        sets, owners = shared_target_sets(cfg, dp_rank, dp_size, tokenizer)
+        by_rank = [(tuple(replace(t, shard=target_shard(len(t.targets), r, dp_size))
+                          for t in sets), owners) for r in range(dp_size)]
     plans = {}
     for name, task in cfg.data.tasks.items():
         if task.weight > 0:
+            mixes = ([TargetMix(sets, own.get(name, -1)) for sets, own in by_rank]
+                     if per_rank else None)
             plans[name] = plan_task(cfg, name, dp_rank, dp_size, tokenizer,
-                                    need_train=True, need_eval=False)
+                                    need_train=True, need_eval=False, mixes=mixes)
         elif not task.eval_shards:
             raise ConfigError(
                 f"task {name} has weight 0 and no eval_shards, so it is never used",

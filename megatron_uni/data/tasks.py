@@ -21,10 +21,17 @@ take 0..L-1 (``TokenBaseEmbedding.get_time_step`` for ``text_spe_cat``).
 
 Large target sets (``split``) are encoded in shards: rank r of D packs targets
 ``[r*K/D, (r+1)*K/D)`` of the list padded to a multiple of D; labels always index the full list.
+
+Per-rank task mixing (``data.task_sampling=per_rank``, a :class:`TargetMix`): ranks of one step
+train different tasks, yet the split target sets are gathered across every data-parallel rank.
+As in the reference, every rank then packs its shard of *every* shared (split) target set of the
+training mixture into each micro-batch, whatever its task (:func:`with_shared_targets`), so the
+one gather of those features (models/heads.py) has the same shape on every rank.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -79,6 +86,53 @@ def _target_sequences(
     ]
 
 
+@dataclass(frozen=True)
+class SharedTargets:
+    """A split target set of the training mixture that every rank encodes a shard of each step
+    under per-rank mixing: its targets (BPE ids per target), their attribute, this rank's shard."""
+
+    key: str  # "classes:<target_set>" or "vocab:<target_set>"
+    targets: tuple[tuple[int, ...], ...]
+    attribute: str
+    shard: range
+
+
+@dataclass(frozen=True)
+class TargetMix:
+    """Per-rank mixing: the shared target sets in one order on every rank, and which of them is
+    this task's own (-1: none, e.g. retrieval or an unsplit target set)."""
+
+    sets: tuple[SharedTargets, ...]
+    own: int = -1
+
+
+def with_shared_targets(
+    sequences: Sequence[SequenceSpec], loss: LossSpec, mix: TargetMix | None
+) -> tuple[list[SequenceSpec], LossSpec]:
+    """Append this rank's shards of the shared target sets other than the task's own (whose
+    shard the builder packed already) and say where each set's SPEs are; also switches retrieval
+    to in-batch negatives. ``mix=None`` (per-step sampling) changes nothing."""
+    if mix is None:
+        return list(sequences), loss
+    seqs, pieces, sizes = list(sequences), [], []
+    for i, shared in enumerate(mix.sets):
+        if i == mix.own:
+            own = loss.target_index.reshape(-1, 2)
+            pieces.append(own)
+            sizes.append(own.shape[0])
+            continue
+        new = _target_sequences(shared.targets, shared.attribute, shared.shard)
+        pieces.append(_queries([(len(seqs) + j, 0) for j in range(len(new))]))
+        seqs += new
+        sizes.append(len(new))
+    index = torch.cat(pieces) if pieces else torch.zeros(0, 2, dtype=torch.long)
+    return seqs, replace(
+        loss, shared_index=index, shared_sizes=tuple(sizes),
+        shared_num_targets=tuple(len(t.targets) for t in mix.sets), own_shared=mix.own,
+        local_negatives=True,
+    )
+
+
 def _queries(pairs: list[tuple[int, int]]) -> torch.Tensor:
     return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
 
@@ -98,6 +152,7 @@ def classification_batch(
     task_id: int = 0,
     task_name: str = "",
     loss_weight: float = 1.0,
+    mix: TargetMix | None = None,
 ) -> PackedBatch:
     """Images/videos ``[N, T, C, H, W]`` with ``labels`` [N] against class-name targets."""
     n, tokens = images.shape[0], patches_per_clip(images, patch_size)
@@ -115,7 +170,8 @@ def classification_batch(
         num_targets=len(class_names),
         loss_weight=loss_weight,
     )
-    return pack(inputs + targets, seq_len, loss, images, num_rows, task_id, task_name)
+    sequences, loss = with_shared_targets(inputs + targets, loss, mix)
+    return pack(sequences, seq_len, loss, images, num_rows, task_id, task_name)
 
 
 def mlm_batch(
@@ -129,6 +185,7 @@ def mlm_batch(
     task_id: int = 0,
     task_name: str = "",
     loss_weight: float = 1.0,
+    mix: TargetMix | None = None,
 ) -> PackedBatch:
     """Masked texts (``input_ids``, masks already applied; ``mlm_labels`` = original id at
     masked positions, IGNORE_INDEX elsewhere) against the vocabulary targets ``vocab``.
@@ -156,7 +213,8 @@ def mlm_batch(
         num_targets=len(vocab),
         loss_weight=loss_weight,
     )
-    return pack(inputs + targets, seq_len, loss, None, num_rows, task_id, task_name)
+    sequences, loss = with_shared_targets(inputs + targets, loss, mix)
+    return pack(sequences, seq_len, loss, None, num_rows, task_id, task_name)
 
 
 def captioning_batch(
@@ -174,6 +232,7 @@ def captioning_batch(
     task_id: int = 0,
     task_name: str = "",
     loss_weight: float = 1.0,
+    mix: TargetMix | None = None,
 ) -> PackedBatch:
     """Clips with one caption each: "[SPE] patches caption slots", slot i predicts token i.
 
@@ -209,7 +268,8 @@ def captioning_batch(
         num_targets=len(vocab),
         loss_weight=loss_weight,
     )
-    return pack(inputs + targets, seq_len, loss, images, num_rows, task_id, task_name)
+    sequences, loss = with_shared_targets(inputs + targets, loss, mix)
+    return pack(sequences, seq_len, loss, images, num_rows, task_id, task_name)
 
 
 def retrieval_batch(
@@ -224,6 +284,7 @@ def retrieval_batch(
     task_id: int = 0,
     task_name: str = "",
     loss_weight: float = 1.0,
+    mix: TargetMix | None = None,
 ) -> PackedBatch:
     """B (clip, caption) pairs; symmetric contrastive loss with in-batch (and cross-DP)
     negatives."""
@@ -243,4 +304,5 @@ def retrieval_batch(
         num_targets=n,
         loss_weight=loss_weight,
     )
-    return pack(inputs + texts, seq_len, loss, images, num_rows, task_id, task_name)
+    sequences, loss = with_shared_targets(inputs + texts, loss, mix)
+    return pack(sequences, seq_len, loss, images, num_rows, task_id, task_name)

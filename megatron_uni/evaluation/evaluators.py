@@ -81,6 +81,8 @@ class TaskResult:
     examples: list[dict[str, Any]] = field(default_factory=list)
     # MoE models: per layer and condition, the share of tokens per expert (moe/stats.py)
     routing: dict[str, Any] = field(default_factory=dict)
+    # Set when the model cannot run the task (task routing on a task that never trained): why
+    refused: str | None = None
 
 
 # --------------------------------------------------------------------------- helpers

@@ -29,6 +29,7 @@ from megatron_uni.evaluation.evaluators import (
     evaluation_tasks,
 )
 from megatron_uni.evaluation.forward import ForwardRunner
+from megatron_uni.models.layer_spec import refused_task
 from megatron_uni.data.text_tokenizer import get_tokenizer
 from megatron_uni.parallel.initialize import Runtime
 
@@ -82,6 +83,12 @@ def evaluate_tasks(
     results: dict[str, TaskResult] = {}
     for name in evaluation_tasks(cfg, tasks):
         start = time.perf_counter()
+        refusal = refused_task(cfg, name)
+        if refusal is not None:  # the same on every rank (config only): no collective skipped
+            results[name] = TaskResult(metrics={}, num_samples=0, refused=refusal)
+            if runtime.is_main:
+                log.warning("eval %s: not evaluated: %s", name, refusal)
+            continue
         plan = plan_task(cfg, name, dp_rank, dp_size, tokenizer, need_train=False, need_eval=True)
         with tracker.collecting():
             results[name] = evaluate_plan(ctx, plan)
@@ -123,6 +130,7 @@ def report(
                 "num_samples": r.num_samples,
                 **({"examples": r.examples} if r.examples else {}),
                 **({"routing": r.routing} if r.routing else {}),
+                **({"refused": r.refused} if r.refused else {}),
             }
             for name, r in results.items()
         },
@@ -152,6 +160,8 @@ def format_table(content: dict[str, Any]) -> str:
         info = content["tasks"][name]
         shown = "  ".join(f"{k} {'n/a' if v is None else f'{100 * v:.2f}'}"
                           for k, v in metrics.items())
+        if info.get("refused"):
+            shown = "- (refused: task routing cannot route a task that never trained)"
         rows.append((name + (" (held out)" if info["held_out"] else ""), info["type"],
                      str(info["num_samples"]), shown))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]

@@ -69,21 +69,49 @@ class MatchingHead(MegatronModule):
         spec = batch.loss
         tokens = self.flat_tokens(hidden, batch)
         queries = self.features(tokens[spec.query_index])
-        targets = self.features(tokens[spec.target_index])
+        anchor = None
+        if spec.shared_sizes:
+            gathered, anchor = self._shared_targets(tokens, spec)
         if spec.family == "retrieval":
+            targets = self.features(tokens[spec.target_index])
             loss_sum, correct, count = self._retrieval(queries, targets, spec)
+        elif spec.own_shared >= 0:
+            loss_sum, correct, count = self._matching(queries, gathered[spec.own_shared], spec,
+                                                      gathered=True)
         else:
+            targets = self.features(tokens[spec.target_index])
             loss_sum, correct, count = self._matching(queries, targets, spec)
+        if anchor is not None:
+            # Every rank's backward must run the shared gather's backward (its all-reduce), also
+            # where this rank's loss reads none of the sets (retrieval).
+            loss_sum = loss_sum + anchor
         metrics = {  # the task's own loss, before its weight in the multi-task objective
             "loss": torch.stack([loss_sum.detach(), count.float()]),
             "accuracy": torch.stack([correct.float(), count.float()]),
         }
         return loss_sum * spec.loss_weight, count, metrics
 
+    def _shared_targets(
+        self, tokens: torch.Tensor, spec: LossSpec
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-rank mixing: every shared target set, gathered over the data-parallel group in
+        ONE all-gather (a set per gather could run the backward all-reduces in a different
+        order on ranks in different tasks), cut to each set's length; and a zero that ties the
+        gather into the loss. Set i of rank d is rows [off_i, off_i + K_i) of rank d's block."""
+        local = self.features(tokens[spec.shared_index])  # [sum K_i, h]
+        everything = all_gather_with_grad(local, self.dp_group)  # [D * sum K_i, h]
+        blocks = everything.view(-1, local.shape[0], local.shape[1])  # [D, sum K_i, h]
+        gathered, offset = [], 0
+        for size, total in zip(spec.shared_sizes, spec.shared_num_targets):
+            gathered.append(blocks[:, offset : offset + size].reshape(-1, local.shape[1])[:total])
+            offset += size
+        return gathered, 0.0 * everything.sum()
+
     def _matching(
-        self, queries: torch.Tensor, targets: torch.Tensor, spec: LossSpec
+        self, queries: torch.Tensor, targets: torch.Tensor, spec: LossSpec,
+        gathered: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if spec.split_targets:
+        if spec.split_targets and not gathered:
             targets = all_gather_with_grad(targets, self.dp_group)
         if spec.num_targets >= 0:
             targets = targets[: spec.num_targets]  # drop the padding of the last shard
@@ -105,11 +133,13 @@ class MatchingHead(MegatronModule):
     def _retrieval(
         self, queries: torch.Tensor, targets: torch.Tensor, spec: LossSpec
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Negatives from every data-parallel rank: gather both sides with gradients.
-        all_queries = all_gather_with_grad(queries, self.dp_group)  # [G, h]
-        all_targets = all_gather_with_grad(targets, self.dp_group)
+        # Negatives from every data-parallel rank: gather both sides with gradients; under
+        # per-rank mixing only this rank's (the others may train other tasks).
+        group = None if spec.local_negatives else self.dp_group
+        all_queries = all_gather_with_grad(queries, group)  # [G, h]
+        all_targets = all_gather_with_grad(targets, group)
         pairs = queries.shape[0]
-        rank = _group_rank(self.dp_group) if all_queries.shape[0] != pairs else 0
+        rank = _group_rank(group) if all_queries.shape[0] != pairs else 0
         labels = torch.arange(pairs, device=queries.device) + rank * pairs
         scale = self.scale(spec.family)
         i2t = scale * queries @ all_targets.t()  # [B, G]

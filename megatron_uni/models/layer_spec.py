@@ -51,12 +51,39 @@ def _residual_spec(config: TransformerConfig, model: ModelConfig) -> ModuleSpec:
     )
 
 
+def task_route(cfg: Config) -> tuple[int, ...]:
+    """Per task id, the task whose router row it uses: itself when it trains (weight > 0), the
+    task named by ``moe.unseen_task_route`` otherwise, or -1 (refused) under ``refuse``.
+
+    "Never trained" is decided from the config: a task of weight 0 is not in the training
+    mixture, so its row of the task router's table never received a gradient."""
+    names = list(cfg.data.tasks)
+    fallback = cfg.moe.unseen_task_route
+    other = names.index(fallback) if fallback != "refuse" and fallback in names else -1
+    return tuple(i if cfg.data.tasks[n].weight > 0 else other for i, n in enumerate(names))
+
+
+def refused_task(cfg: Config, name: str) -> str | None:
+    """Why the model refuses to run task ``name`` (the task router on a task that never
+    trained, under ``moe.unseen_task_route=refuse``), or None. Decided from the config alone,
+    so every rank agrees without a collective."""
+    from megatron_uni.moe.routers import unseen_task_message  # noqa: PLC0415
+
+    if not (cfg.moe.enabled and cfg.moe.router == "task") or name not in cfg.data.tasks:
+        return None
+    if task_route(cfg)[list(cfg.data.tasks).index(name)] >= 0:
+        return None
+    return unseen_task_message(name)
+
+
 def _router_spec(cfg: Config, tracker: RoutingTracker, name: str) -> ModuleSpec:
     cls = router_class(cfg.moe)
     params = {"moe": cfg.moe, "hidden_size": cfg.model.hidden_size, "tracker": tracker,
               "name": name}
     if cls is TableRouter:
         params["num_tasks"] = max(len(cfg.data.tasks), 1)
+        params["task_names"] = tuple(cfg.data.tasks)
+        params["task_route"] = task_route(cfg)
     return ModuleSpec(module=cls, params=params)
 
 

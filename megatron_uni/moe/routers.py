@@ -226,11 +226,27 @@ class ContextRouter(Router):
                             constant_per_row=True)
 
 
+class UnseenTaskError(ValueError):
+    """The task router met a task that never trained and ``moe.unseen_task_route=refuse``."""
+
+
+def unseen_task_message(name: str) -> str:
+    """Why the task router refuses task ``name``, and the alternatives."""
+    return (f"task {name!r} never trained (weight 0 in data.tasks), so the task router has no "
+            f"trained gate for it: task routing cannot route a new task. Route it like a trained "
+            f"task with moe.unseen_task_route=<task name>, or use a router that generalises "
+            f"(moe.router=attribute, modality, token or context)")
+
+
 class TableRouter(Router):
     """Segment-constant routing by modality, task or attribute: gates per distinct condition."""
 
     def __init__(self, config: TransformerConfig, moe: MoEConfig, hidden_size: int,
-                 tracker: RoutingTracker, name: str, num_tasks: int = 1) -> None:
+                 tracker: RoutingTracker, name: str, num_tasks: int = 1,
+                 task_names: tuple[str, ...] = (),
+                 task_route: tuple[int, ...] | None = None) -> None:
+        """``task_route[t]``: the task whose gate row task ``t`` uses (itself when it trained;
+        another trained task under ``moe.unseen_task_route``; -1 = never trained, refused)."""
         if moe.router not in SEGMENT_CONSTANT:
             raise ValueError(f"TableRouter routes by {', '.join(SEGMENT_CONSTANT)}, not "
                              f"{moe.router!r}")
@@ -239,6 +255,9 @@ class TableRouter(Router):
         super().__init__(config, moe, hidden_size, tracker, name, width[moe.router])
         self.strategy = moe.router
         self.num_tasks = num_tasks
+        self.task_names = tuple(task_names)
+        route = tuple(task_route or ())  # tasks it does not list route by their own row
+        self.task_route = route + tuple(range(len(route), num_tasks))
 
     def logits_of(self, features: torch.Tensor) -> torch.Tensor:
         """features: condition vectors [A, D] (0/1 attribute bits, one-hot modality / task)."""
@@ -255,7 +274,11 @@ class TableRouter(Router):
         if conditions.task_id >= self.num_tasks:
             raise ValueError(f"task id {conditions.task_id} but the task router knows "
                              f"{self.num_tasks} tasks: task routing cannot route an unseen task")
-        task = conditions.task_id  # a host int: slicing the identity needs no device read
+        task = self.task_route[conditions.task_id]  # host ints: no device read
+        if task < 0:
+            name = (self.task_names[conditions.task_id]
+                    if conditions.task_id < len(self.task_names) else f"#{conditions.task_id}")
+            raise UnseenTaskError(unseen_task_message(name))
         one_hot = torch.eye(self.num_tasks, device=device)[task : task + 1]
         return one_hot, torch.zeros_like(conditions.modality)
 

@@ -77,7 +77,7 @@ class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime) -> None:
         from megatron.core import parallel_state  # noqa: PLC0415
 
-        from megatron_uni.data.loader import MultiTaskLoader  # noqa: PLC0415
+        from megatron_uni.data.loader import MultiTaskLoader, task_draw_ranks  # noqa: PLC0415
 
         self.cfg, self.runtime = cfg, runtime
         self.run_dir = Path(cfg.train.run_dir)
@@ -96,7 +96,8 @@ class Trainer:
             self.dp_rank = parallel_state.get_data_parallel_rank()
             self.reporter = (parallel_state.is_pipeline_last_stage()
                              and parallel_state.get_tensor_model_parallel_rank() == 0)
-            self.loader = MultiTaskLoader(cfg, self.dp_rank, runtime.dp, self.num_microbatches)
+            self.loader = MultiTaskLoader(cfg, self.dp_rank, runtime.dp, self.num_microbatches,
+                                          draw_ranks=task_draw_ranks(cfg))
             self.step = 0
             self._resume()
             self.stop_requested = ckpt.install_signal_handlers()
@@ -166,7 +167,8 @@ class Trainer:
             self.loader.load_state_dict(loader_state)
         else:
             self.loader = type(self.loader)(cfg, self.dp_rank, self.runtime.dp,
-                                            self.num_microbatches, start_step=self.step)
+                                            self.num_microbatches, start_step=self.step,
+                                            draw_ranks=self.loader.draw_ranks)
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(

@@ -41,6 +41,9 @@ SETTINGS = [
     "train.micro_batch_size=4", "train.global_batch_size=16",  # 4 slots per step
     f"train.steps={STEPS}", "logging.log_interval=1", "logging.tensorboard=false",
     "checkpoint.save_interval=0", "checkpoint.keep_last=0", "parallel.etp=1",
+    # Resumes under other data-parallel sizes compare step by step: one task per step keeps
+    # that order whatever the size (per-rank mixing ties it to the draw units).
+    "data.task_sampling=per_step",
 ]
 
 

@@ -15,7 +15,10 @@ DEMO_RUN = REPO / "configs" / "runs" / "demo_data.yaml"
 
 
 def demo_config(root: Path, *overrides: str) -> Config:
-    return load_config(DEMO_RUN, [f"data.root={root}", *overrides])
+    # One task per step: these tests check the data order that does not depend on the
+    # data-parallel size (per-rank mixing ties it to slots_per_draw; tests of that pass
+    # data.task_sampling=per_rank).
+    return load_config(DEMO_RUN, [f"data.root={root}", "data.task_sampling=per_step", *overrides])
 
 
 @pytest.fixture

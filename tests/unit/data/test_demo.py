@@ -73,3 +73,18 @@ def test_default_size_is_fast(tmp_path: Path) -> None:
     start = time.perf_counter()
     make_demo_data(tmp_path)
     assert time.perf_counter() - start < 60
+
+
+def test_held_out_captions_use_only_seen_words_and_chance_is_stated(tmp_path: Path) -> None:
+    from megatron_uni.data.demo import (COLOURS, IMAGE_CLASSES, SHAPES, VIDEO_CLASSES,
+                                        chance_levels, held_out_words_unseen)
+
+    assert held_out_words_unseen() == set()
+    # Videos and images share the shapes and colours (one renderer, one attribute list).
+    assert {c.split()[1] for c in IMAGE_CLASSES} == set(SHAPES)
+    assert {c.split()[0] for c in IMAGE_CLASSES} == set(COLOURS)
+    chance = chance_levels(200)
+    assert chance["retrieval_r10"] == pytest.approx(0.05)
+    assert chance["image_cls_top1"] == 1 / 16 and chance["video_cls_top1"] == 1 / len(VIDEO_CLASSES)
+    make_demo_data(tmp_path, num_train=4, num_eval=4, num_train_shards=1)
+    assert json.loads((tmp_path / "demo.json").read_text())["chance"] == chance_levels(4)

@@ -153,3 +153,79 @@ def test_position_from_another_setup_is_refused(demo_cfg: Config) -> None:
         MultiTaskLoader(demo_cfg, 0, 2, 1).load_state_dict({**state, "version": 1})
     with pytest.raises(ConfigError, match="data.num_workers=3"):
         MultiTaskLoader(demo_cfg, 0, 1, 1, num_workers=3)
+
+
+# ---------------------------------------------------------------- per-rank task mixing
+def _mix_cfg(root: Path, *extra: str) -> Config:
+    return demo_config(root, "data.task_sampling=per_rank", "data.reader_streams=1", *extra)
+
+
+def test_per_rank_replicas_draw_their_own_task_and_peers_alike(demo_root: Path) -> None:
+    cfg = _mix_cfg(demo_root)
+    ranks = [run(cfg, 12, dp_rank=r, dp_size=4, microbatches=2) for r in range(4)]
+    sampler = TaskSampler({n: t.weight for n, t in cfg.data.tasks.items()}, cfg.data.seed)
+    for r, steps in enumerate(ranks):
+        # unit = first slot // slots_per_draw = rank: the task is f(seed, step, unit)
+        assert [t for t, _ in steps] == sampler.tasks(0, 12, unit=r)
+        for task, batches in steps:
+            assert {b.task_name for b in batches} == {task}  # one task per rank per step
+            assert len({(b.num_rows, b.seq_len) for b in batches}) == 1
+    per_step = [{ranks[r][k][0] for r in range(4)} for k in range(12)]
+    assert any(len(tasks) > 1 for tasks in per_step)  # steps mix tasks
+    # A replica's TP / PP peers build the same batches.
+    assert_steps_equal(run(cfg, 12, dp_rank=2, dp_size=4, microbatches=2), ranks[2])
+
+
+def test_per_rank_draw_shared_by_expert_parallel_replicas(demo_root: Path) -> None:
+    cfg = _mix_cfg(demo_root)
+    with MultiTaskLoader(cfg, 2, 4, 1, draw_ranks=2) as a, \
+            MultiTaskLoader(cfg, 3, 4, 1, draw_ranks=2) as b:
+        assert [a.next_step()[0] for _ in range(10)] == [b.next_step()[0] for _ in range(10)]
+    from megatron_uni.data.loader import task_draw_ranks
+
+    moe = ["moe.num_experts=4", "parallel.ep=2", "parallel.tp=1"]
+    assert task_draw_ranks(_mix_cfg(demo_root, *moe, "moe.execution=auto")) == 2
+    assert task_draw_ranks(_mix_cfg(demo_root, *moe, "moe.execution=grouped")) == 1
+    assert task_draw_ranks(_mix_cfg(demo_root, "moe.num_experts=4", "parallel.ep=2",
+                                    "parallel.tp=2", "parallel.etp=1")) == 1
+    assert task_draw_ranks(_mix_cfg(demo_root, "moe.num_experts=4", "parallel.ep=2",
+                                    "parallel.tp=2")) == 2
+
+
+def test_per_rank_resumes_exactly(demo_root: Path) -> None:
+    cfg = _mix_cfg(demo_root)
+    whole = run(cfg, 8, dp_rank=1, dp_size=2, microbatches=1)
+    with MultiTaskLoader(cfg, 1, 2, 1) as loader:
+        for _ in range(3):
+            loader.next_step()
+        state = json.loads(json.dumps(loader.state_dict()))
+    with MultiTaskLoader(cfg, 1, 2, 1) as loader:
+        loader.load_state_dict(state)
+        assert_steps_equal([loader.next_step() for _ in range(5)], whole[3:])
+    # Fast-forward without a saved position counts this unit's draws.
+    assert_steps_equal(run(cfg, 5, dp_rank=1, dp_size=2, microbatches=1, start_step=3), whole[3:])
+
+
+def test_per_rank_packs_every_shared_target_set(demo_root: Path) -> None:
+    """Split target sets: each rank packs its shard of every shared set whatever its task."""
+    split = [f"data.tasks.{t}.split_target_set=true" for t in ("image_cls", "mlm",
+                                                               "image_caption")]
+    cfg = _mix_cfg(demo_root, *split)
+    seen = set()
+    with MultiTaskLoader(cfg, 1, 2, 1) as loader:
+        for _ in range(12):
+            task, (batch,) = loader.next_step()
+            spec = batch.loss
+            seen.add(task)
+            # class names (image_cls) and the vocabulary (mlm + captioning share vocab.json)
+            assert len(spec.shared_sizes) == 2 and spec.local_negatives
+            assert spec.shared_index.numel() == sum(spec.shared_sizes)
+            own = {"image_cls": 0, "mlm": 1, "image_caption": 1}.get(task, -1)
+            assert spec.own_shared == own
+            if own >= 0:  # the task's own shard is the shared one
+                start = sum(spec.shared_sizes[:own])
+                assert torch.equal(spec.shared_index[start:start + spec.shared_sizes[own]],
+                                   spec.target_index)
+            sides = batch.side.reshape(-1)[spec.shared_index]
+            assert bool((sides == 1).all())  # target side
+    assert len(seen) > 2

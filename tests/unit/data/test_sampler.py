@@ -49,3 +49,30 @@ def test_single_task_and_no_task() -> None:
     assert set(TaskSampler({"only": 0.3}, 0).tasks(0, 100)) == {"only"}
     with pytest.raises(ValueError, match="no task"):
         TaskSampler({"a": 0.0}, 0)
+
+
+@pytest.mark.parametrize("unit", [0, 1, 5])
+def test_per_unit_frequencies_match_weights(unit: int) -> None:
+    """Per-rank mixing: every draw unit (replica) on its own follows the weights."""
+    sampler = TaskSampler(WEIGHTS, 1234)
+    draws = sampler.tasks(0, 10_000, unit=unit)
+    names = sampler.names
+    observed = np.array([draws.count(n) for n in names])
+    total = sum(WEIGHTS[n] for n in names)
+    expected = np.array([10_000 * WEIGHTS[n] / total for n in names])
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < CHI2_DF4_P001, (dict(zip(names, observed)), chi2)
+
+
+def test_units_draw_independently_and_statelessly() -> None:
+    sampler = TaskSampler(WEIGHTS, 7)
+    a, b = sampler.indices(0, 4000, unit=0), sampler.indices(0, 4000, unit=1)
+    # Independent units agree about as often as two independent draws do (sum of p^2).
+    agree = float((a == b).mean())
+    assert abs(agree - float((sampler.probs ** 2).sum())) < 0.03
+    assert not np.array_equal(a, sampler.indices(0, 4000))  # not the per-step draw either
+    assert sampler.tasks(100, 150, unit=3) == sampler.tasks(0, 150, unit=3)[100:]
+    assert [sampler.task_at(k, 3) for k in range(10)] == sampler.tasks(0, 10, unit=3)
+    # A step mixes tasks across units: with 8 units nearly every step has more than one task.
+    mixed = np.mean([len({sampler.task_at(k, u) for u in range(8)}) > 1 for k in range(200)])
+    assert mixed > 0.95

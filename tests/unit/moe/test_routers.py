@@ -25,14 +25,15 @@ def _config():
     return transformer_config(cfg, use_cpu=True)
 
 
-def _router(kind: str, topk: int = 2, **moe_fields):
+def _router(kind: str, topk: int = 2, task_names: tuple = (), task_route=None, **moe_fields):
     from megatron_uni.config import MoEConfig
     from megatron_uni.moe.routers import router_class
     from megatron_uni.moe.tracker import RoutingTracker
 
     moe = MoEConfig(num_experts=E, topk=topk, router=kind, **moe_fields)
     cls = router_class(moe)
-    extra = {"num_tasks": 3} if kind in ("modality", "task", "attribute") else {}
+    extra = ({"num_tasks": 3, "task_names": task_names, "task_route": task_route}
+             if kind in ("modality", "task", "attribute") else {})
     torch.manual_seed(0)
     return cls(_config(), moe, HIDDEN, RoutingTracker(), "layer0.attn", **extra)
 
@@ -109,6 +110,52 @@ def test_task_router_refuses_an_unknown_task() -> None:
     cond = replace(_conditions(), task_id=5)
     with pytest.raises(ValueError, match="unseen task"):
         router(_hidden(cond), cond)
+
+
+def _held_out_cfg(*extra: str):
+    from megatron_uni.config import Config, apply_overrides
+
+    return apply_overrides(Config(), [
+        "moe.num_experts=6", "moe.router=task",
+        "data.tasks.seen.type=retrieval", "data.tasks.seen.weight=1.0",
+        "data.tasks.other.type=mlm", "data.tasks.other.weight=1.0",
+        "data.tasks.held_out.type=retrieval", "data.tasks.held_out.weight=0.0", *extra])
+
+
+def test_task_router_refuses_a_task_that_never_trained_by_default() -> None:
+    """The held-out task HAS a task id (weight 0): its table row never trained, so the router
+    refuses it by name and points to the alternatives."""
+    from megatron_uni.models.layer_spec import refused_task, task_route
+    from megatron_uni.moe.routers import UnseenTaskError
+
+    cfg = _held_out_cfg()
+    assert task_route(cfg) == (0, 1, -1)
+    router = _router("task", task_names=("seen", "other", "held_out"),
+                     task_route=task_route(cfg)).eval()
+    cond = _conditions()
+    router(_hidden(cond), replace(cond, task_id=1))  # trained tasks route
+    with pytest.raises(UnseenTaskError, match="'held_out' never trained") as err:
+        router(_hidden(cond), replace(cond, task_id=2))
+    assert "moe.unseen_task_route" in str(err.value) and "attribute" in str(err.value)
+    assert refused_task(cfg, "held_out") == str(err.value)
+    assert refused_task(cfg, "seen") is None
+    # Other routers route every task.
+    assert refused_task(_held_out_cfg("moe.router=attribute"), "held_out") is None
+
+
+def test_unseen_task_route_routes_like_a_named_seen_task() -> None:
+    from megatron_uni.config import ConfigError, validate
+    from megatron_uni.models.layer_spec import refused_task, task_route
+
+    cfg = _held_out_cfg("moe.unseen_task_route=seen")
+    assert task_route(cfg) == (0, 1, 0) and refused_task(cfg, "held_out") is None
+    routed = _router("task", task_route=task_route(cfg)).eval()
+    cond = _conditions()
+    held, seen = (routed(_hidden(cond), replace(cond, task_id=t)) for t in (2, 0))
+    assert torch.equal(held.probs, seen.probs) and torch.equal(held.routing_map, seen.routing_map)
+    for bad in ("held_out", "nope"):  # must name a trained task
+        with pytest.raises(ConfigError, match="not a trained task"):
+            validate(_held_out_cfg(f"moe.unseen_task_route={bad}"))
 
 
 @pytest.mark.parametrize("kind", ["token", "attribute"])
