@@ -9,6 +9,9 @@ write fails with ENOSPC, as on a full disk).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from pathlib import Path
 
 from tests.multirank import run_ranks
@@ -53,3 +56,17 @@ def run_entry(module: str, argv: list[str], patch: str | None = None,
     """(exit code, stdout + stderr + log) of ``module.main(argv)`` on one rank."""
     (result,) = run_ranks(_entry, 1, args=(module, argv, patch), timeout=timeout)
     return result
+
+
+def start_and_wait_for_steps(cmd: list[str], metrics: Path, steps: int = 2,
+                             timeout: float = 180) -> subprocess.Popen:
+    """Start ``cmd`` in the repo (one thread per process) and return it once ``metrics`` holds
+    ``steps`` rows, or once it exited or ``timeout`` passed (the caller checks which)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            break
+        time.sleep(0.5)
+    return proc

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "configs" / "runs" / "demo.yaml"
+from tests.e2e.entry import DEMO, start_and_wait_for_steps
 
 
 def test_sigterm_to_launch_local_saves_and_exits_zero(demo_root: Path, tmp_path: Path) -> None:
@@ -19,14 +15,8 @@ def test_sigterm_to_launch_local_saves_and_exits_zero(demo_root: Path, tmp_path:
            f"data.root={demo_root}", f"train.run_dir={run}", "parallel.tp=1", "parallel.ep=2",
            "train.steps=10000", "logging.log_interval=1", "logging.tensorboard=false",
            "checkpoint.save_interval=0"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.5)
+    proc = start_and_wait_for_steps(cmd, metrics)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=180)

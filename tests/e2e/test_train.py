@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.entry import start_and_wait_for_steps
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,15 +89,8 @@ def test_recompute_changes_nothing_but_memory(demo_root: Path, tmp_path: Path) -
 
 def test_sigterm_saves_and_exits_zero(demo_root: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_args(demo_root, run, "train.steps=10000"), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.5)
+    proc = start_and_wait_for_steps(_args(demo_root, run, "train.steps=10000"), metrics)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
