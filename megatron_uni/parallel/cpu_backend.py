@@ -20,7 +20,14 @@ is listed in :func:`enable`, in one place a reader can audit:
    the CPU generator) are silenced;
 6. the all-to-all token dispatcher's device-to-host step (``maybe_move_tensor_to_cpu``, which
    turns the split sizes into the numpy arrays ``all_to_all_single`` takes) also converts
-   tensors that are already on the CPU (megatron converts only CUDA ones).
+   tensors that are already on the CPU (megatron converts only CUDA ones);
+7. megatron's gradient / parameter buffers (``param_and_grad_buffer``) skip their reduce-scatter
+   and all-gather over a group of one rank (a data-parallel or expert-data-parallel group of
+   size 1), and ``torch.distributed.all_reduce`` returns at once over one rank: megatron issues
+   them for every bucket whatever the group's size, and gloo then clones and copies the whole
+   buffer (three passes over every gradient per step, 0.5 s per step for a one-process model
+   with 100 M expert parameters); with one rank the output already is the input (a view of the
+   same buffer) or is copied from it.
 
 It is switched on only for CPU runs (:func:`should_use_cpu`) and never when CUDA is in use: GPU
 behaviour is untouched. It patches process-wide state, so it is meant for processes that run on
@@ -144,6 +151,34 @@ def _split_sizes_to_host(tensor: Any, as_numpy: bool = False, record_stream: boo
     return tensor
 
 
+class _DoneWork:
+    """The handle of a collective that had nothing to do."""
+
+    def wait(self, *args: Any) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def _skip_single_rank(collective: Callable[..., Any]) -> Callable[..., Any]:
+    """``collective(output, input, ..., group=, async_op=)`` (all-gather / reduce-scatter into
+    a tensor), or ``collective(tensor, ..., group=, async_op=)`` (all-reduce), without the call
+    over a group of one rank."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    def call(*args: Any, group: Any = None, async_op: bool = False, **kwargs: Any) -> Any:
+        if dist.get_world_size(group) != 1:
+            return collective(*args, group=group, async_op=async_op, **kwargs)
+        if len(args) >= 2 and torch.is_tensor(args[1]):
+            output, source = args[0], args[1]
+            if not (output.data_ptr() == source.data_ptr() and output.numel() == source.numel()):
+                output.copy_(source.view_as(output))
+        return _DoneWork() if async_op else None
+
+    return call
+
+
 def enable() -> None:
     """Switch the CPU backend on for this process (idempotent). See the module docstring."""
     global _enabled
@@ -183,6 +218,12 @@ def enable() -> None:
         import megatron.core.transformer.moe.token_dispatcher as dispatchers  # noqa: PLC0415
 
         dispatchers.maybe_move_tensor_to_cpu = _split_sizes_to_host
+        # 7. no collectives over one rank in megatron's gradient / parameter buffers
+        import megatron.core.distributed.param_and_grad_buffer as buffers  # noqa: PLC0415
+
+        buffers.dist_reduce_scatter_func = _skip_single_rank(buffers.dist_reduce_scatter_func)
+        buffers.dist_all_gather_func = _skip_single_rank(buffers.dist_all_gather_func)
+        torch.distributed.all_reduce = _skip_single_rank(torch.distributed.all_reduce)
         # 2. device arguments: the mode lives on this thread's torch-function stack for good.
         _CudaToCpuMode().__enter__()
         _enabled = True

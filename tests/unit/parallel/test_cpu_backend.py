@@ -95,3 +95,51 @@ def test_device_choice_does_not_enable_anything() -> None:
         with pytest.raises(RuntimeError, match="parallel.device=cuda"):
             cpu_backend.should_use_cpu("cuda")
     assert not cpu_backend.is_enabled()
+
+
+def _single_rank_collectives(rank: int, world_size: int) -> dict:
+    import megatron.core.distributed.param_and_grad_buffer as buffers
+    import torch.distributed as dist
+
+    from megatron_uni.parallel import cpu_backend
+
+    cpu_backend.enable()
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    group = dist.new_group(list(range(world_size)))
+    alone = dist.new_group([rank]) if world_size == 1 else None
+    buf = torch.arange(8.0) + rank
+    out: dict = {}
+    if world_size == 1:
+        from torch.profiler import ProfilerActivity, profile
+
+        # nothing may reach gloo over a group of one rank (its ops show as c10d::* events)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            view = buf.view(-1)  # megatron: the output is a view of the input (one shard)
+            out["rs"] = buffers.dist_reduce_scatter_func(view, buf, group=alone, async_op=False)
+            separate = torch.zeros(8)
+            work = buffers.dist_all_gather_func(separate, buf, group=alone, async_op=True)
+            out["ag_waits"] = work.wait()
+            out["ag_copied"] = torch.equal(separate, buf)
+            out["ar"] = dist.all_reduce(buf, group=alone)
+        out["unchanged"] = torch.equal(buf, torch.arange(8.0))
+        out["gloo_calls"] = sorted({e.key for e in prof.key_averages() if "c10d" in e.key})
+        with profile(activities=[ProfilerActivity.CPU]) as prof:  # the detector sees gloo
+            dist.barrier(group=alone)
+        out["detector"] = any("c10d" in e.key for e in prof.key_averages())
+    else:  # more ranks: the real collectives still run
+        dist.all_reduce(buf, group=group)
+        out["summed"] = buf.tolist()
+        shard = torch.zeros(4)
+        buffers.dist_reduce_scatter_func(shard, torch.arange(8.0) + rank, group=group)
+        out["scattered"] = shard.tolist()
+    return out
+
+
+def test_collectives_over_one_rank_are_skipped() -> None:
+    (one,) = run_ranks(_single_rank_collectives, 1, timeout=60)
+    assert one == {"rs": None, "ag_waits": True, "ag_copied": True, "ar": None,
+                   "unchanged": True, "gloo_calls": [], "detector": True}
+    two = run_ranks(_single_rank_collectives, 2, timeout=60)
+    assert two[0]["summed"] == [float(2 * v + 1) for v in range(8)]
+    assert two[0]["scattered"] == [1.0, 3.0, 5.0, 7.0]
+    assert two[1]["scattered"] == [9.0, 11.0, 13.0, 15.0]
