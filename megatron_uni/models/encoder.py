@@ -100,7 +100,17 @@ class EncoderSelfAttention(SelfAttention):
 
 class EncoderMLP(MLP):
     """megatron's ``MLP``: fc1, activation on (fc1 + bias), fc2 (exact GELU, as the reference;
-    megatron's fused bias-GELU would use the tanh approximation)."""
+    megatron's fused bias-GELU would use the tanh approximation).
+
+    With expert linears in both slots that can (``group_order_ok``: TP = 1), fc1 hands its
+    output to fc2 in the routing decision's group order: everything between them works per
+    token, so nothing here changes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        fc1, fc2 = self.linear_fc1, self.linear_fc2
+        if getattr(fc1, "group_order_ok", False) and getattr(fc2, "group_order_ok", False):
+            fc1.hand_off_group_order = True
 
     def forward(self, hidden_states: torch.Tensor,
                 conditions: Optional[RoutingConditions] = None

@@ -14,54 +14,80 @@ with ``torch.where``, A times the FLOPs) or to a per-group loop over host sizes
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from megatron_uni.parallel.main_grad import add_rows
+
+
+def _bag_offsets(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """index [A, k] -> (flat indices [A k], bag offsets [A], bag of each index [A k]): the
+    ``embedding_bag`` description of "row a sums the k experts index[a]"."""
+    rows, k = index.shape
+    bags = torch.arange(rows, device=index.device)
+    return index.reshape(-1), bags * k, bags.repeat_interleave(k)
+
+
+def _gate_grad(grad: torch.Tensor, experts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """grad [A, D], experts [E, D], index [A, k] -> [A, k]: ``<grad[a], experts[index[a, j]]>``
+    (``embedding_bag``'s per-sample-weight gradient: reads the A x k chosen rows once, makes no
+    copy of them; a per-j gather and batched dot where that operator is missing)."""
+    flat, offsets, bag_of = _bag_offsets(index)
+    try:
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad, experts, flat, offsets, bag_of, 0, -1).view(index.shape)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        rows, width = grad.shape
+        return torch.stack([torch.bmm(experts.index_select(0, index[:, j]).view(rows, 1, width),
+                                      grad.view(rows, width, 1)).view(rows)
+                            for j in range(index.shape[1])], dim=1)
 
 
 class _MergeChosen(torch.autograd.Function):
     """``merged[a] = sum_j gates[a, j] * experts[index[a, j]]``: experts [E, ...], index / gates
     [A, k] -> [A, ...], touching only the A x k chosen experts in both directions.
 
-    Autograd's own gather (``experts[index]``) would materialise a zero gradient of all E
-    experts and add it into the parameter's gradient every backward (work and memory growing
-    with E), and would save the gathered copies for the backward. Here the backward re-gathers
-    the chosen experts for the gates' gradient and, when ``experts`` is a parameter with
-    megatron DDP's ``main_grad`` buffer, adds the chosen slices into it directly and returns no
-    gradient for it (our DDP runs without overlapped gradient reduction, so no bucket waits on
-    a hook; any other gradient the parameter gets still goes through autograd and the hook).
-    Without ``main_grad`` (a bare model) it returns the dense gradient.
+    The forward is one ``embedding_bag`` (weighted sum of the chosen rows, read once, no
+    gathered copy). Autograd's own gather (``experts[index]``) would materialise a zero
+    gradient of all E experts and add it into the parameter's gradient every backward (work and
+    memory growing with E). Here the backward computes the gates' gradient from the chosen
+    rows (:func:`_gate_grad`) and adds ``gates[a, j] * grad[a]`` into the chosen experts of
+    megatron DDP's ``main_grad`` directly (``parallel.main_grad.add_rows``; a bare model gets
+    the dense gradient).
     """
 
     @staticmethod
     def forward(ctx, experts: torch.Tensor, index: torch.Tensor, gates: torch.Tensor
                 ) -> torch.Tensor:
         ctx.save_for_backward(experts, index, gates)
-        gates = gates.to(experts.dtype)
-        extra = (None,) * (experts.dim() - 1)
-        merged = gates[(slice(None), 0, *extra)] * experts.index_select(0, index[:, 0])
-        for j in range(1, index.shape[1]):
-            merged = merged + gates[(slice(None), j, *extra)] * experts.index_select(0, index[:, j])
-        return merged
+        rows = experts.reshape(experts.shape[0], -1)
+        weights = gates.to(experts.dtype)
+        try:
+            merged = torch.nn.functional.embedding_bag(index, rows, per_sample_weights=weights,
+                                                       mode="sum")
+        except (RuntimeError, NotImplementedError):  # a device / dtype without the kernel
+            merged = weights[:, 0, None] * rows.index_select(0, index[:, 0])
+            for j in range(1, index.shape[1]):
+                merged = merged + weights[:, j, None] * rows.index_select(0, index[:, j])
+        return merged.view(index.shape[0], *experts.shape[1:])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
         experts, index, gates = ctx.saved_tensors
-        flat = index.reshape(-1)
-        chosen = experts.index_select(0, flat).view(*index.shape, *experts.shape[1:])  # [A, k, ...]
-        trailing = tuple(range(2, chosen.dim()))
-        grad_gates = (chosen * grad.unsqueeze(1)).sum(dim=trailing).to(gates.dtype)
-        extra = (None,) * (experts.dim() - 1)
-        parts = (gates.to(grad.dtype)[(slice(None), slice(None), *extra)] * grad.unsqueeze(1))
-        parts = parts.reshape(-1, *experts.shape[1:])  # [A * k, ...]
-        main_grad = getattr(experts, "main_grad", None)
-        if ctx.needs_input_grad[0] and main_grad is not None:
-            main_grad.index_add_(0, flat, parts.to(main_grad.dtype))
-            grad_experts = None
-        elif ctx.needs_input_grad[0]:
-            grad_experts = torch.zeros_like(experts).index_add_(0, flat, parts.to(experts.dtype))
-        else:
-            grad_experts = None
+        num, k = index.shape
+        grad = grad.reshape(num, -1).contiguous()
+        rows = experts.reshape(experts.shape[0], -1)
+        grad_gates = None
+        if ctx.needs_input_grad[2]:
+            grad_gates = _gate_grad(grad.to(experts.dtype), rows, index).to(gates.dtype)
+        grad_experts = None
+        if ctx.needs_input_grad[0]:
+            # every (condition, choice) pair's gate-weighted gradient, added into its expert
+            parts = gates.to(grad.dtype)[:, :, None] * grad[:, None]  # [A, k, D]
+            grad_experts = add_rows(experts, index.reshape(-1),
+                                    parts.view(num * k, *experts.shape[1:]))
         return grad_experts, None, grad_gates
 
 
@@ -70,6 +96,57 @@ def merge_chosen(experts: torch.Tensor, index: torch.Tensor, gates: torch.Tensor
     """experts [E, ...], index / gates [A, k] -> [A, ...]: each row's gate-weighted sum of its
     k chosen experts (see :class:`_MergeChosen`)."""
     return _MergeChosen.apply(experts, index, gates)
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """Tokens sorted by group, computed once per routing decision and shared by the linears that
+    use it: ``order`` [n] (sorted position -> token), ``inverse`` [n] (token -> sorted
+    position), ``ends`` [A] (end of each group's block in sorted order), ``rows`` [n] (the
+    group of each token) and ``sorted_rows`` [n]."""
+
+    rows: torch.Tensor
+    order: torch.Tensor
+    inverse: torch.Tensor
+    ends: torch.Tensor
+    sorted_rows: torch.Tensor
+
+    def one_hot(self, dtype: torch.dtype) -> torch.Tensor:
+        """[n, A] in sorted order: 1 where the token is in the group."""
+        groups = torch.arange(self.ends.shape[0], device=self.rows.device)
+        return (self.sorted_rows[:, None] == groups[None]).to(dtype)
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, num_groups: int) -> "Grouping":
+        order = torch.argsort(rows, stable=True)
+        sorted_rows = rows.index_select(0, order)
+        ends = torch.searchsorted(sorted_rows, torch.arange(num_groups, device=rows.device),
+                                  right=True).to(torch.int32)
+        inverse = torch.empty_like(order).scatter_(
+            0, order, torch.arange(order.shape[0], device=order.device))
+        return cls(rows, order, inverse, ends, sorted_rows)
+
+
+class _Permute(torch.autograd.Function):
+    """x [n, ...] -> x[order]; the backward gathers with the inverse permutation (autograd's
+    ``index_select`` backward would zero-fill and scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor
+                ) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x[order]`` along dim 0 (``inverse`` the inverse permutation), gather both ways."""
+    return _Permute.apply(x, order, inverse)
+
 
 _REFUSED: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) _grouped_mm refused
 
@@ -88,32 +165,47 @@ def _try_grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, ends: torch.Tensor
 
 
 def grouped_matmul(tokens: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
-                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+                   bias: Optional[torch.Tensor], grouping: Optional[Grouping] = None,
+                   *, sorted_in: bool = False, sorted_out: bool = False) -> torch.Tensor:
     """tokens [n, i], rows [n] in [0, A), weight [A, o, i], bias [A, o] -> [n, o] with
-    ``out[t] = weight[rows[t]] @ tokens[t] + bias[rows[t]]``."""
+    ``out[t] = weight[rows[t]] @ tokens[t] + bias[rows[t]]``.
+
+    ``grouping`` (:class:`Grouping` of ``rows``) is computed when not given. ``sorted_in``: the
+    tokens already are in the grouping's sorted order; ``sorted_out``: return the output in that
+    order (a pair of linears sharing one decision, with only per-token work between them,
+    skips the un-permute and re-permute; where ``grouped_mm`` is refused the loop below
+    works in token order and permutes at its ends, see :func:`keeps_sorted_order`)."""
     num_groups = weight.shape[0]
     if num_groups == 1:
         out = tokens @ weight[0].t()
         return out if bias is None else out + bias[0]
-    # index_select, not advanced indexing: on CPU it is ~5x faster for these row gathers
-    order = torch.argsort(rows, stable=True)
-    sorted_rows = rows.index_select(0, order)
-    ends = torch.searchsorted(sorted_rows, torch.arange(num_groups, device=rows.device),
-                              right=True)
-    out_sorted = _try_grouped_mm(tokens.index_select(0, order), weight.transpose(1, 2), ends)
+    if grouping is None:
+        grouping = Grouping.of(rows, num_groups)
+    sorted_tokens = tokens if sorted_in else permute(tokens, grouping.order, grouping.inverse)
+    out_sorted = _try_grouped_mm(sorted_tokens, weight.transpose(1, 2), grouping.ends)
     if out_sorted is not None:
         if bias is not None:
-            out_sorted = out_sorted + bias.index_select(0, sorted_rows)
-        inverse = torch.empty_like(order).scatter_(
-            0, order, torch.arange(order.shape[0], device=order.device))
-        return out_sorted.index_select(0, inverse)
+            # + bias[group] in place, as a rank-A product (one-hot [n, A] @ bias [A, o]): no
+            # gathered [n, o] copy of the biases, no second [n, o] output
+            out_sorted = out_sorted.addmm_(grouping.one_hot(out_sorted.dtype), bias)
+        if sorted_out:
+            return out_sorted
+        return permute(out_sorted, grouping.inverse, grouping.order)
+    if sorted_in:  # the loop below works in token order
+        tokens = permute(tokens, grouping.inverse, grouping.order)
     out = tokens.new_zeros(tokens.shape[0], weight.shape[1])
     for group in range(num_groups):
         y = tokens @ weight[group].t()
         if bias is not None:
             y = y + bias[group]
         out = torch.where((rows == group)[:, None], y, out)
-    return out
+    return permute(out, grouping.order, grouping.inverse) if sorted_out else out
+
+
+def keeps_sorted_order(x: torch.Tensor) -> bool:
+    """Whether :func:`grouped_matmul` can take and give sorted tokens on this device / dtype
+    (``torch._grouped_mm`` not refused there)."""
+    return hasattr(torch, "_grouped_mm") and (x.device.type, x.dtype) not in _REFUSED
 
 
 def expert_matmul(tokens: torch.Tensor, tokens_per_expert: torch.Tensor, weight: torch.Tensor

@@ -23,13 +23,15 @@ paths give the same numbers:
   k chosen experts are merged into one weight (sum of gate x W_e over the k chosen only, never
   all E; gradients reach those k only) and applied to that condition's tokens in one grouped
   GEMM after one permutation (``grouped_matmul``); no host synchronisation. Under EP / expert-TP
-  the expert shards of the TP x EP group are all-gathered for the merge.
+  the expert shards of the TP x EP group are all-gathered for the merge. In an expert MLP
+  (TP = 1) the fc1 output stays in that sorted order through the activation into fc2.
 ``auto`` picks per call whichever :func:`choose_execution` estimates cheaper (FLOPs and bytes
 moved for the micro-batch's shape and the layout).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import torch
@@ -46,7 +48,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_uni.config import MoEConfig
 from megatron_uni.moe.conditions import RoutingConditions
 from megatron_uni.moe.experts import ExpertLinears, expert_init_std
-from megatron_uni.moe.grouped import grouped_matmul
+from megatron_uni.moe.grouped import grouped_matmul, keeps_sorted_order, permute
 from megatron_uni.moe.routers import SEGMENT_CONSTANT, Decision
 
 
@@ -169,6 +171,11 @@ class _MoELinear(MegatronModule):
         # The pair's first linear owns the router (its parameters live here: checkpoint names
         # ``linear_qkv.router.*``); the second gets the decision as an argument.
         self.router = None if router is None else build_module(router, config=config)
+        # Set once by the MLP holding this linear as fc1 with an expert fc2 (models/encoder.py):
+        # on the grouped path fc1's output then stays in the decision's group order (the
+        # activation between them works per token) and fc2 takes it as it is, saving the
+        # un-permute and re-permute of the widest activation, both ways.
+        self.hand_off_group_order = False
         if moe.token_dispatcher == "alltoall" and pgs.expt_tp.size() > 1:
             from megatron_uni.parallel import cpu_backend  # noqa: PLC0415
 
@@ -189,10 +196,19 @@ class _MoELinear(MegatronModule):
         elif decision is None:
             raise RuntimeError(f"{self.name}: the paired expert linear passed no routing "
                                f"decision")
+        arrives_sorted = decision.in_group_order
         if self._path(x, decision) == "dispatch":
+            if arrives_sorted:  # back to megatron's token order for the dispatcher
+                g = decision.grouping
+                x = permute(x.reshape(-1, x.shape[-1]), g.inverse, g.order).view(x.shape)
             out = self._dispatch(x, decision)
+            leaves_sorted = False
         else:
-            out = self._grouped(x.reshape(-1, x.shape[-1]), decision).view(*x.shape[:-1], -1)
+            leaves_sorted = self.hand_off_group_order and keeps_sorted_order(x)
+            out = self._grouped(x.reshape(-1, x.shape[-1]), decision, arrives_sorted,
+                                leaves_sorted).view(*x.shape[:-1], -1)
+        if leaves_sorted != arrives_sorted:
+            decision = dataclasses.replace(decision, in_group_order=leaves_sorted)
         if self.router is not None and decision.aux_loss is not None:
             out = MoEAuxLossAutoScaler.apply(out, decision.aux_loss)
         return out, decision
@@ -221,14 +237,24 @@ class _MoELinear(MegatronModule):
         out = self.experts.forward_dispatched(tokens, per_expert, probs)
         return d.combine_postprocess(d.token_combine(d.combine_preprocess(out)))
 
-    def _grouped(self, tokens: torch.Tensor, decision: Decision) -> torch.Tensor:
-        """tokens [n, i] -> [n, o]: per condition a k-term merge of its chosen experts."""
+    def _grouped(self, tokens: torch.Tensor, decision: Decision, sorted_in: bool,
+                 sorted_out: bool) -> torch.Tensor:
+        """tokens [n, i] -> [n, o]: per condition a k-term merge of its chosen experts
+        (tokens / output in the decision's group order where ``sorted_in`` / ``sorted_out``)."""
         if decision.table_index is None:
             raise ValueError(f"{self.name}: the grouped path needs a decision that is constant "
                              f"per condition (modality, task or attribute routing)")
         merged, merged_bias = self.experts.merged_weights(decision.table_index,
                                                           decision.table_gates)
-        return grouped_matmul(tokens, decision.rows, merged, merged_bias)
+        return grouped_matmul(tokens, decision.rows, merged, merged_bias, decision.grouping,
+                              sorted_in=sorted_in, sorted_out=sorted_out)
+
+    @property
+    def group_order_ok(self) -> bool:
+        """Whether this linear's input / output can stay in a decision's group order: its
+        tokens are this rank's with whole features (no tensor-parallel gather or scatter
+        around the experts, which would mix ranks' orders)."""
+        return self.tp == 1
 
 
 class MoEColumnLinear(_MoELinear):

@@ -47,6 +47,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_uni.batch import ATTRIBUTES, Modality
 from megatron_uni.config import MoEConfig
 from megatron_uni.moe.conditions import RoutingConditions
+from megatron_uni.moe.grouped import Grouping
 from megatron_uni.moe.tracker import RoutingTracker, records_now
 
 SEGMENT_CONSTANT = ("modality", "task", "attribute")
@@ -60,8 +61,11 @@ class Decision:
     ``probs`` [n, E] sparse gates and ``routing_map`` [n, E] (the dispatch path's input);
     ``rows`` [n] the condition (table row, or sequence) of each token, ``table_probs`` [A, E],
     ``table_index`` / ``table_gates`` [A, k] the chosen experts and their gates per condition
-    (routers whose decision is constant per condition: the grouped path's input); ``aux_loss``
-    [] the coefficient-weighted router losses to attach, or None.
+    and ``grouping`` the tokens sorted by condition (routers whose decision is constant per
+    condition: the grouped path's input, sorted once for the pair of linears that share the
+    decision); ``aux_loss`` [] the coefficient-weighted router losses to attach, or None;
+    ``in_group_order``: the activations handed from the first linear of the pair to the second
+    are in ``grouping``'s sorted order.
     """
 
     probs: torch.Tensor
@@ -71,6 +75,8 @@ class Decision:
     table_index: Optional[torch.Tensor] = None
     table_gates: Optional[torch.Tensor] = None
     aux_loss: Optional[torch.Tensor] = None
+    grouping: Optional[Grouping] = None
+    in_group_order: bool = False  # the hidden states handed on with it are in grouping's order
 
 
 def select_topk(logits: torch.Tensor, topk: int
@@ -178,7 +184,8 @@ class Router(MegatronModule):
             self.tracker.record_counts(self.name, conditions.attribute_table, counts)
         if table is None:
             return Decision(probs, routing_map, rows, aux_loss=aux)
-        return Decision(probs, routing_map, rows, table[0], table[1], table[2], aux_loss=aux)
+        return Decision(probs, routing_map, rows, table[0], table[1], table[2], aux_loss=aux,
+                        grouping=Grouping.of(rows, table[0].shape[0]))
 
     def forward(self, hidden: torch.Tensor, conditions: RoutingConditions) -> Decision:
         """hidden [n, h] (this rank's tokens) -> the decision for them."""

@@ -9,7 +9,16 @@ from megatron_uni.moe import grouped
 from megatron_uni.moe.grouped import expert_matmul, grouped_matmul, merge_chosen
 
 
-def test_merge_chosen_gradients_and_main_grad() -> None:
+@pytest.mark.parametrize("kernels", [True, False])
+def test_merge_chosen_gradients_and_main_grad(kernels: bool, monkeypatch) -> None:
+    """Gradients against autograd's gather; ``kernels=False``: the device lacks embedding_bag
+    and its per-sample-weight gradient, so both fallbacks run."""
+    if not kernels:
+        def refuse(*args, **kwargs):
+            raise NotImplementedError("no kernel here")
+
+        monkeypatch.setattr(torch.nn.functional, "embedding_bag", refuse)
+        monkeypatch.setattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", refuse)
     torch.manual_seed(0)
     experts = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
     index = torch.tensor([[0, 3], [3, 1], [4, 0]])
@@ -47,6 +56,37 @@ def test_grouped_matmul_matches_per_token_weights(refuse: bool, monkeypatch) -> 
     torch.testing.assert_close(out, want)
     grads = torch.autograd.grad(out.square().sum(), (x, weight, bias))
     refs = torch.autograd.grad(want.square().sum(), (x, weight, bias))
+    for got, ref in zip(grads, refs):
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+@pytest.mark.parametrize("sorted_in,sorted_out", [(True, False), (False, True), (True, True)])
+def test_grouped_matmul_in_group_order(sorted_in: bool, sorted_out: bool, refuse: bool,
+                                       monkeypatch) -> None:
+    """Tokens given / output returned in the grouping's sorted order: the same products as in
+    token order, permuted, with gradients (the permutation's backward is a gather)."""
+    if refuse:
+        monkeypatch.setattr(grouped, "_try_grouped_mm", lambda *a: None)
+    torch.manual_seed(3)
+    n, i, o, a = 29, 4, 6, 3
+    rows = torch.tensor([2, 0, 2, 1] * 7 + [0])
+    x = torch.randn(n, i, requires_grad=True)
+    weight = torch.randn(a, o, i, requires_grad=True)
+    bias = torch.randn(a, o, requires_grad=True)
+    g = grouped.Grouping.of(rows, a)
+    assert torch.equal(rows[g.order], g.sorted_rows) and torch.equal(g.order[g.inverse],
+                                                                     torch.arange(n))
+    assert g.ends.tolist() == [int((rows <= r).sum()) for r in range(a)]
+    given = x[g.order] if sorted_in else x
+    out = grouped_matmul(given, rows, weight, bias, g, sorted_in=sorted_in, sorted_out=sorted_out)
+    want = torch.einsum("noi,ni->no", weight[rows], x) + bias[rows]
+    if sorted_out:
+        want = want[g.order]
+    torch.testing.assert_close(out, want)
+    upstream = torch.randn_like(want)
+    grads = torch.autograd.grad((out * upstream).sum(), (x, weight, bias))
+    refs = torch.autograd.grad((want * upstream).sum(), (x, weight, bias))
     for got, ref in zip(grads, refs):
         torch.testing.assert_close(got, ref)
 

@@ -65,29 +65,52 @@ def test_each_router_trains(router: str, topk: int, execution: str) -> None:
 
 
 def _paths(rank: int, world: int, task: str) -> dict:
+    from megatron_uni.moe.linear import MoERowLinear
+
     results = {}
-    for execution in ("dispatch", "grouped"):
-        model = _model(["moe.router=attribute", f"moe.execution={execution}", "moe.noise_std=0",
-                        "model.layer_scale_init=1.0", "model.init_method_std=0.2"])
+    handoffs = {}
+    # "mixed": fc1 grouped, handing its output to fc2 in group order, fc2 forced to dispatch
+    # (as moe.execution=auto may choose per linear): fc2 must restore the token order itself.
+    for execution in ("dispatch", "grouped", "mixed"):
+        model = _model(["moe.router=attribute",
+                        f"moe.execution={'grouped' if execution == 'mixed' else execution}",
+                        "moe.noise_std=0", "model.layer_scale_init=1.0",
+                        "model.init_method_std=0.2"])
+        handoffs[execution] = sum(bool(getattr(m, "hand_off_group_order", False))
+                                  for m in model.modules())
+        if execution == "mixed":
+            for m in model.modules():
+                if isinstance(m, MoERowLinear):
+                    m.execution = "dispatch"
         batch = _task_batch(task)
         hidden = model(batch)
         loss_sum, count, _ = model.loss(batch, hidden)
         (loss_sum / count).backward()
         results[execution] = (hidden.detach(), {n: p.grad.clone() for n, p in
                                                 model.named_parameters() if p.grad is not None})
-    (h_d, g_d), (h_g, g_g) = results["dispatch"], results["grouped"]
-    out_err = float((h_d - h_g).abs().max())
-    grad_err = max(float((g_d[n] - g_g[n]).abs().max() / g_d[n].abs().max().clamp(min=1e-12))
-                   for n in g_d)
-    return {"out": out_err, "grad": grad_err, "same_keys": set(g_d) == set(g_g),
-            "expert_grads": sum("experts" in n for n in g_d)}
+    h_d, g_d = results["dispatch"]
+    out: dict = {"expert_grads": sum("experts" in n for n in g_d), "handoffs": handoffs}
+    for other in ("grouped", "mixed"):
+        h_g, g_g = results[other]
+        out[other] = {
+            "out": float((h_d - h_g).abs().max()),
+            "grad": max(float((g_d[n] - g_g[n]).abs().max() / g_d[n].abs().max().clamp(min=1e-12))
+                        for n in g_d),
+            "same_keys": set(g_d) == set(g_g)}
+    return out
 
 
 @pytest.mark.parametrize("task", ["captioning", "retrieval"])
 def test_dispatch_and_grouped_paths_agree(task: str) -> None:
+    """Outputs and every gradient: dispatch = grouped (fc1 -> fc2 in group order) = grouped fc1
+    handing off to a dispatching fc2."""
     (res,) = run_ranks(_paths, 1, args=(task,), timeout=120)
-    assert res["same_keys"] and res["expert_grads"] >= 8  # 2 layers x qkv/out/fc1/fc2 weights
-    assert res["out"] < 1e-5 and res["grad"] < 1e-4, res
+    assert res["expert_grads"] >= 8  # 2 layers x qkv/out/fc1/fc2 weights
+    # every MLP's fc1 hands off in group order at TP=1 (the bare model has 2 layers)
+    assert res["handoffs"] == {"dispatch": 2, "grouped": 2, "mixed": 2}, res["handoffs"]
+    for other in ("grouped", "mixed"):
+        r = res[other]
+        assert r["same_keys"] and r["out"] < 1e-5 and r["grad"] < 1e-4, (other, r)
 
 
 def _content_blind(rank: int, world: int) -> dict:
