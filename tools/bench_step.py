@@ -6,10 +6,12 @@ reference's merged-weight MoE and DeepSpeed-MoE, on any device and layout, in on
     torchrun --nproc-per-node 4 -m tools.bench_step --config configs/runs/bench_ep.yaml \\
         --variants attr-grouped,attr-dispatch,attr-auto parallel.ep=4
 
-Warm-up, then ``--steps`` timed training steps (zero grads, megatron's schedule, optimizer) on a
+Warm-up, then ``--steps`` timed training steps (megatron's schedule, optimizer, zero grads) on a
 batch built before timing (data loading is ``tools.bench_loader``'s business); every rank runs,
 rank 0 prints. Per variant: median ms per step and per phase (forward / backward / optimizer,
-measured where the forward's end is visible: one pipeline stage; "-" otherwise), tokens/s,
+measured where the forward's end is visible: one pipeline stage; "-" otherwise; backward ends
+after megatron's gradient finalisation, the optimizer phase includes zeroing the gradient
+buffers for the next step), tokens/s,
 model TFLOP/s per rank (megatron_uni.training.metrics.step_flops: active experts only) and MFU
 against a dense [tokens, hidden] x [hidden, ffn] matmul in the run's precision on the same
 device (measured before and after the variants; the better one counts), peak memory per rank
@@ -149,6 +151,15 @@ def caption_batch(cfg: Config, rows: int, seq_len: int, seed: int = 0) -> Any:
 # ---------------------------------------------------------------------------- builders
 
 
+def zero_grads(chunks: Sequence[Any], optimizer: Any) -> None:
+    """Zero the DDP gradient buffers for the next step, at the end of this one: the zeroing
+    counts in the optimizer phase (its cost grows with the parameters, as the optimizer's does;
+    megatron's distributed optimizer zeroes them itself), not in forward+backward."""
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
 def _now(device: torch.device) -> float:
     synchronize(device)
     return time.perf_counter()
@@ -175,13 +186,11 @@ def build_ours(cfg: Config, runtime: Any, rows: int, seq_len: int) -> Subject:
 
     def step(out: dict[str, float]) -> None:
         marks.clear()
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
         unwrap(chunks[0]).routing_tracker.reset()  # as the trainer does every step
         forward_backward(chunks, [batch])
         out["backward"] = _now(runtime.device)
         optimizer.step()
+        zero_grads(chunks, optimizer)
         out.update({k: v for k, v in marks.items()})
 
     named = [item for c in chunks for item in c.named_parameters()]
@@ -226,11 +235,10 @@ def build_mcore(cfg: Config, runtime: Any, rows: int, seq_len: int, moe: bool,
 
     def step(out: dict[str, float]) -> None:
         marks.clear()
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
         forward_backward([ddp], batches)
         out["backward"] = _now(runtime.device)
         optimizer.step()
+        zero_grads([ddp], optimizer)
         out.update(marks)
 
     named = list(ddp.named_parameters())
@@ -273,13 +281,13 @@ def build_ref(cfg: Config, runtime: Any, rows: int, seq_len: int, kind: str) -> 
                                   weight_decay=cfg.optim.weight_decay)
 
     def step(out: dict[str, float]) -> None:
-        optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
             loss = (model(x, attributes).float() @ proj).square().mean()
         out["forward"] = _now(device)
         loss.backward()
         out["backward"] = _now(device)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     if kind == "dense":
         fcfg = apply_overrides(cfg, DENSE)
