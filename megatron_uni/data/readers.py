@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 import re
 import tarfile
 import zlib
@@ -241,6 +242,11 @@ class SampleStream:
         if not shards:
             raise DataError(f"task {task}: no shards to read")
         self.shards, self.task, self.seed = list(shards), task, seed
+        # A shard's shuffle seed comes from its path below the task's shard directory, so a
+        # dataset copied or cloned elsewhere reads in the same order.
+        root = (os.path.commonpath(self.shards) if len(self.shards) > 1
+                else os.path.dirname(self.shards[0]))
+        self._names = {s: os.path.relpath(s, root) for s in self.shards}
         self.unit, self.num_units = unit, num_units
         self.shuffle_buffer = max(1, shuffle_buffer) if shuffle else 1
         self.shuffle = shuffle
@@ -298,7 +304,8 @@ class SampleStream:
     def _shard_samples(self, shard: str, epoch: int, start: int) -> Iterator[tuple[int, RawSample]]:
         """(offset, sample) of one shard in block-shuffled order, from offset ``start`` on;
         samples not kept by this reader (more readers than shards) advance the offset only."""
-        rng = np.random.default_rng([self.seed, stable_hash("samples", self.task, shard), epoch])
+        name = self._names[shard]
+        rng = np.random.default_rng([self.seed, stable_hash("samples", self.task, name), epoch])
         keep_every = self.num_units if len(self.shards) < self.num_units else 1
         samples = iter_shard(shard)
         offset, done = 0, False

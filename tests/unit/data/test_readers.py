@@ -84,6 +84,14 @@ def test_order_is_seeded_and_reshuffled_per_epoch(tmp_path: Path) -> None:
     assert first[:20] != [f"k{i:04d}" for i in range(20)]
 
 
+@pytest.mark.parametrize("num_shards", [1, 4])
+def test_order_does_not_depend_on_where_the_dataset_lies(tmp_path: Path, num_shards: int) -> None:
+    """A copy of the shards elsewhere (another clone, another mount) reads in the same order."""
+    here = write_shards(tmp_path / "a", num_shards, 9)
+    there = write_shards(tmp_path / "deeper" / "b", num_shards, 9)
+    assert keys(stream(here, buffer=9), 18) == keys(stream(there, buffer=9), 18)
+
+
 @pytest.mark.parametrize("units", [1, 8])
 def test_resume_from_any_position_continues_exactly(tmp_path: Path, units: int) -> None:
     shards = write_shards(tmp_path, 4, 6)
