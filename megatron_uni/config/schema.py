@@ -259,11 +259,11 @@ class DataConfig:
     shuffle_buffer: int = _f(64, help="samples shuffled together within a shard (1 = file order)")
     prefetch_factor: int = _f(2, help="steps each loader worker prepares ahead")
     task_sampling: TaskSampling = _f(
-        "per_step", help="per_step: one task per step for the whole global batch (data order "
-        "independent of the data-parallel size); per_rank: each data-parallel replica (with the "
-        "replicas one expert-parallel token exchange spans) draws its own task per step, as the "
-        "reference's WeightedBatchSampler (better on the demo at 100-300 steps, README; not the "
-        "default until the demo's numbers are measured under it)"
+        "per_rank", help="per_rank: each data-parallel replica (with the replicas one "
+        "expert-parallel token exchange spans) draws its own task per step, as the reference's "
+        "WeightedBatchSampler (better than per_step on the demo at 100-300 steps, README); "
+        "per_step: one task per step for the whole global batch (data order independent of the "
+        "data-parallel size)"
     )
     tasks: dict[str, TaskConfig] = _f(help="task name -> task", factory=dict)
 

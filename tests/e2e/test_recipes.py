@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from megatron_uni.config import load_config
-from megatron_uni.data.sampler import uniform
+from megatron_uni.data.sampler import uniform, uniform_per_unit
 from megatron_uni.data.text_tokenizer import get_tokenizer
 from tests.multirank import run_ranks
 from tests.unit.data.test_img2dataset import write_img2dataset
@@ -107,10 +107,15 @@ def mini_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _weights(recipe: str, start: int) -> list[str]:
-    """Sampling weights under which steps start .. start+15 draw each task exactly once."""
+    """Sampling weights under which steps start .. start+15 draw each task exactly once (the
+    recipes sample per rank: one process is draw unit 0)."""
     cfg = load_config(RUNS / f"{recipe}.yaml")
     names = list(cfg.data.tasks)
-    u = np.sort(uniform(cfg.data.seed, np.arange(start, start + len(names), dtype=np.uint64)))
+    steps = np.arange(start, start + len(names), dtype=np.uint64)
+    assert cfg.data.task_sampling in ("per_step", "per_rank")
+    draws = (uniform(cfg.data.seed, steps) if cfg.data.task_sampling == "per_step"
+             else uniform_per_unit(cfg.data.seed, steps, 0))
+    u = np.sort(draws)
     edges = np.concatenate([[0.0], (u[:-1] + u[1:]) / 2, [1.0]])
     return [f"data.tasks.{n}.weight={float(w)!r}" for n, w in zip(names, np.diff(edges))]
 
