@@ -58,13 +58,16 @@ def _group_size(group: Any) -> int:
         return 1
 
 
-# megatron-core binds these at import time under its own names (param_and_grad_buffer.py):
-# the DDP gradient reduce-scatter and the distributed optimizer's parameter all-gather.
-_ALIASES = (
-    ("megatron.core.distributed.param_and_grad_buffer", "dist_all_gather_func",
-     "all_gather_into_tensor"),
-    ("megatron.core.distributed.param_and_grad_buffer", "dist_reduce_scatter_func",
-     "reduce_scatter_tensor"),
+# megatron-core binds these at import time under its own names: the DDP gradient
+# reduce-scatter and the distributed optimizer's parameter all-gather (param_and_grad_buffer.py),
+# the sequence-parallel / token-dispatch gathers and reduce-scatters (tensor_parallel/mappings.py,
+# which the grouped path's merge exchange and the allgather dispatcher go through).
+_ALIASES = tuple(
+    (module, f"dist_{kind}_func", name)
+    for module in ("megatron.core.distributed.param_and_grad_buffer",
+                   "megatron.core.tensor_parallel.mappings")
+    for kind, name in (("all_gather", "all_gather_into_tensor"),
+                       ("reduce_scatter", "reduce_scatter_tensor"))
 )
 
 

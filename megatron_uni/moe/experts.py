@@ -12,18 +12,34 @@ ETP rank 0 only.
 Two ways to apply them, with the same numbers:
 - :meth:`forward_dispatched`: tokens already permuted to this rank's experts by megatron's
   dispatcher (any routing);
-- :meth:`full_weights` + merged weights per condition (segment-constant routing): the experts are
-  all-gathered (the backward sums each shard's gradient from every rank) and mixed per decision.
+- :meth:`merged_weights` per condition (segment-constant routing): the gate-weighted sum of each
+  condition's k chosen experts. With one rank in the TP x EP group the chosen experts are summed
+  in place. Under EP with whole experts per rank (expert-TP 1) the ranks exchange merges, not
+  experts: the group's tables are all-gathered once per routing decision
+  (:meth:`ExpertLinears.plan_exchange`, each padded to the largest, B rows), every rank sums,
+  for every condition of every rank, the terms whose experts it holds (a partial merge
+  [G B, o, i]), and one reduce-scatter hands each rank the merged weights of its own
+  conditions (the backward all-gathers their gradients; the gates get theirs back by
+  reduce-scatter). Nothing per expert leaves its rank, so expert memory per rank is E / EP,
+  what the backward keeps is A merged matrices as with one rank, and the bytes moved are
+  2 (G - 1) B o i per linear and step, whatever E. Under expert-TP > 1 (a condition's merge
+  needs every rank's input columns) the experts are all-gathered instead
+  (:meth:`full_weights`; the backward sums each shard's gradient from every rank) and merged.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -161,14 +177,77 @@ class ExpertLinears(MegatronModule):
             bias = torch.cat([per_member[(r, 0)] for r in range(ep)], dim=0)
         return weight, bias
 
-    def merged_weights(self, index: torch.Tensor, gates: torch.Tensor
+    def exchanges_merges(self) -> bool:
+        """Whether :meth:`merged_weights` exchanges partial merges (module docstring): more than
+        one rank in the group and whole experts per rank."""
+        return self.group_size > 1 and self.etp_group.size() == 1
+
+    def plan_exchange(self, index: torch.Tensor, gates: torch.Tensor) -> "MergeExchange":
+        """Every rank's conditions, for :meth:`merged_weights` under EP: built once per routing
+        decision and shared by the linears that use it (module docstring)."""
+        group, size = self.tp_ep_group, self.group_size
+        conditions, k = index.shape
+        counts = index.new_empty(size)
+        dist.all_gather_into_tensor(counts, index.new_full((1,), conditions), group=group)
+        # The one host read: the group's largest table sets the exchanged shapes (on a GPU a
+        # synchronisation, as the split sizes of megatron's all-to-all dispatcher are).
+        bound = int(counts.max())
+        if bound > conditions:  # padding rows choose expert 0 with gate 0: they add nothing
+            index = torch.nn.functional.pad(index, (0, 0, 0, bound - conditions))
+            gates = torch.nn.functional.pad(gates, (0, 0, 0, bound - conditions))
+        every_index = index.new_empty(size * bound, k)
+        dist.all_gather_into_tensor(every_index, index.contiguous(), group=group)
+        # [G B, k]; the backward reduce-scatters the gates' gradients back to their ranks
+        every_gate = gather_from_sequence_parallel_region(gates.contiguous(), group=group)
+        first = self.ep_rank * self.num_local
+        local = (every_index >= first) & (every_index < first + self.num_local)
+        return MergeExchange(torch.where(local, every_index - first, 0),
+                             torch.where(local, every_gate, torch.zeros_like(every_gate)),
+                             bound, conditions, self.ep_rank, self.num_local)
+
+    def merged_weights(self, index: torch.Tensor, gates: torch.Tensor,
+                       exchange: "MergeExchange | None" = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per condition, the gate-weighted sum of its k chosen experts: index / gates [A, k]
         -> weight [A, o, i], bias [A, o]. Only the chosen experts enter the sum and get
-        gradients (``moe.grouped.merge_chosen``)."""
+        gradients (``moe.grouped.merge_chosen``). Under EP with whole experts per rank the
+        ranks exchange partial merges (``exchange``: :meth:`plan_exchange` of this decision,
+        made here when not given); otherwise the experts are all-gathered."""
+        if self.exchanges_merges():
+            if exchange is None:
+                exchange = self.plan_exchange(index, gates)
+            if (exchange.ep_rank, exchange.num_local) != (self.ep_rank, self.num_local):
+                raise ValueError("a merge exchange planned for another expert layout")
+            return exchange.merge(self.weight, self.tp_ep_group), (
+                None if self.bias is None else exchange.merge(self.bias, self.tp_ep_group))
         weight, bias = self.full_weights()
         merged = merge_chosen(weight, index, gates)
         return merged, None if bias is None else merge_chosen(bias, index, gates)
+
+
+@dataclass(frozen=True)
+class MergeExchange:
+    """Every rank's conditions seen from this rank, for one routing decision: per term of each
+    of the G x B rows (B = the group's largest table, each rank's padded to it), the local
+    expert and its gate, both 0 where the expert is another rank's (or the row is padding);
+    ``conditions`` A this rank's own rows."""
+
+    local_index: torch.Tensor  # [G B, k]
+    local_gates: torch.Tensor  # [G B, k], autograd back to every rank's gates
+    bound: int  # B
+    conditions: int  # A
+    ep_rank: int
+    num_local: int
+
+    def merge(self, experts: torch.Tensor, group: Any) -> torch.Tensor:
+        """This rank's experts [El, ...] -> its conditions' merged experts [A, ...]: the partial
+        merges of every rank's conditions, reduce-scattered over ``group``."""
+        partial = merge_chosen(experts, self.local_index, self.local_gates)  # [G B, ...]
+        mine = reduce_scatter_to_sequence_parallel_region(
+            partial.reshape(partial.shape[0], -1), group=group)
+        mine = mine.view(self.bound, *experts.shape[1:])
+        # not a view of the padded buffer: what the backward keeps is the real conditions only
+        return mine[: self.conditions].clone() if self.bound > self.conditions else mine
 
 
 def expert_init_std(config: TransformerConfig, output_layer: bool) -> float:

@@ -22,8 +22,10 @@ paths give the same numbers:
 - ``grouped``: for routers whose decision is constant per condition, each distinct condition's
   k chosen experts are merged into one weight (sum of gate x W_e over the k chosen only, never
   all E; gradients reach those k only) and applied to that condition's tokens in one grouped
-  GEMM after one permutation (``grouped_matmul``); no host synchronisation. Under EP / expert-TP
-  the expert shards of the TP x EP group are all-gathered for the merge. In an expert MLP
+  GEMM after one permutation (``grouped_matmul``); no host synchronisation. Under EP the ranks
+  exchange partial merges by one reduce-scatter, each keeping its own experts
+  (``ExpertLinears.merged_weights``); under expert-TP > 1 or per-sequence routing the expert
+  shards of the TP x EP group are all-gathered for the merge. In an expert MLP
   (TP = 1) the fc1 output stays in that sorted order through the activation into fc2.
 ``auto`` picks per call whichever :func:`choose_execution` estimates cheaper (FLOPs and bytes
 moved for the micro-batch's shape and the layout).
@@ -108,14 +110,19 @@ FLOPS_PER_BYTE = {"cuda": 2000.0, "cpu": 100.0}
 
 def choose_execution(*, tokens: int, conditions: int, topk: int, in_features: int,
                      out_features: int, local_experts: int, group_size: int, etp: int,
-                     element_bytes: int, flops_per_byte: float, alltoall: bool = False) -> str:
+                     element_bytes: int, flops_per_byte: float, alltoall: bool = False,
+                     exchange_bound: Optional[int] = None) -> str:
     """``grouped`` or ``dispatch`` for one expert linear and micro-batch, by estimated cost.
 
     Cost = FLOPs + flops_per_byte x bytes this rank moves, forward plus backward:
     - grouped: one dense product of the n tokens, 2 n i o (x3 with the backward), plus the
-      k-term merge of the A conditions, 2 A k o i (x2); all-gather of every expert shard of the
-      TP x EP group of size G and the reduce-scatter of their gradients,
-      2 (G - 1) E_local o (i / ETP) elements;
+      k-term merge of the A conditions, 2 A k o i (x2); with ``exchange_bound`` B (the experts
+      stay on their ranks and the ranks exchange merges, ``ExpertLinears.exchanges_merges``; B
+      the group's largest table) the merge covers the padded conditions of all G ranks,
+      2 G B k o i (x2), and the reduce-scatter of the partial merges and the all-gather of
+      their gradients move 2 (G - 1) B o i elements; otherwise the
+      all-gather of every expert shard of the TP x EP group of size G and the reduce-scatter
+      of their gradients move 2 (G - 1) E_local o (i / ETP) elements;
     - dispatch: each token copy through its expert, 2 k n i o (x3); all-gather of the group's
       tokens and reduce-scatter of the outputs, then the same for the gradients,
       2 (G - 1) n (i + o) elements (``alltoall``: each of the k copies of a token leaves the
@@ -124,9 +131,13 @@ def choose_execution(*, tokens: int, conditions: int, topk: int, in_features: in
     k-fold product, i.e. very few tokens per condition).
     """
     n, a, k, i, o, g = tokens, conditions, topk, in_features, out_features, group_size
-    grouped_flops = 3 * 2 * n * i * o + 2 * 2 * a * k * o * i
     dispatch_flops = 3 * 2 * k * n * i * o
-    grouped_bytes = 2 * (g - 1) * local_experts * o * (i // etp) * element_bytes
+    if exchange_bound is not None and g > 1:
+        grouped_flops = 3 * 2 * n * i * o + 2 * 2 * g * exchange_bound * k * o * i
+        grouped_bytes = 2 * (g - 1) * exchange_bound * o * i * element_bytes
+    else:
+        grouped_flops = 3 * 2 * n * i * o + 2 * 2 * a * k * o * i
+        grouped_bytes = 2 * (g - 1) * local_experts * o * (i // etp) * element_bytes
     copies = k * n * (g - 1) / g if alltoall else (g - 1) * n
     dispatch_bytes = 2 * copies * (i + o) * element_bytes
     grouped = grouped_flops + flops_per_byte * grouped_bytes
@@ -196,6 +207,11 @@ class _MoELinear(MegatronModule):
         elif decision is None:
             raise RuntimeError(f"{self.name}: the paired expert linear passed no routing "
                                f"decision")
+        if (decision.table_index is not None and decision.exchange is None
+                and self.execution != "dispatch" and self.experts.exchanges_merges()):
+            # every rank of the group takes this branch alike (same config, same router)
+            decision = dataclasses.replace(decision, exchange=self.experts.plan_exchange(
+                decision.table_index, decision.table_gates))
         arrives_sorted = decision.in_group_order
         if self._path(x, decision) == "dispatch":
             if arrives_sorted:  # back to megatron's token order for the dispatcher
@@ -215,7 +231,8 @@ class _MoELinear(MegatronModule):
 
     def _path(self, x: torch.Tensor, decision: Decision) -> str:
         """This call's path: the configured one, or the cheaper by :func:`choose_execution`
-        (host arithmetic on shapes only)."""
+        (host arithmetic on shapes, and under EP the group's largest table, which the merge
+        exchange read once per decision)."""
         if self.execution != "auto":
             return self.execution
         experts = self.experts
@@ -227,6 +244,7 @@ class _MoELinear(MegatronModule):
             element_bytes=experts.weight.element_size(),
             flops_per_byte=self.flops_per_byte or FLOPS_PER_BYTE.get(x.device.type, 100.0),
             alltoall=isinstance(self.dispatcher, MoEAlltoAllTokenDispatcher),
+            exchange_bound=None if decision.exchange is None else decision.exchange.bound,
         )
 
     def _dispatch(self, x: torch.Tensor, decision: Decision) -> torch.Tensor:
@@ -244,8 +262,8 @@ class _MoELinear(MegatronModule):
         if decision.table_index is None:
             raise ValueError(f"{self.name}: the grouped path needs a decision that is constant "
                              f"per condition (modality, task or attribute routing)")
-        merged, merged_bias = self.experts.merged_weights(decision.table_index,
-                                                          decision.table_gates)
+        merged, merged_bias = self.experts.merged_weights(
+            decision.table_index, decision.table_gates, decision.exchange)
         return grouped_matmul(tokens, decision.rows, merged, merged_bias, decision.grouping,
                               sorted_in=sorted_in, sorted_out=sorted_out)
 

@@ -36,7 +36,7 @@ the tracker converts its tensors once per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,9 @@ class Decision:
     condition: the grouped path's input, sorted once for the pair of linears that share the
     decision); ``aux_loss`` [] the coefficient-weighted router losses to attach, or None;
     ``in_group_order``: the activations handed from the first linear of the pair to the second
-    are in ``grouping``'s sorted order.
+    are in ``grouping``'s sorted order; ``exchange``: under expert parallelism, every rank's
+    conditions for the grouped path (``moe.experts.MergeExchange``), made by the first linear
+    of the pair that needs it and handed on with the decision.
     """
 
     probs: torch.Tensor
@@ -77,6 +79,7 @@ class Decision:
     aux_loss: Optional[torch.Tensor] = None
     grouping: Optional[Grouping] = None
     in_group_order: bool = False  # the hidden states handed on with it are in grouping's order
+    exchange: Optional[Any] = None
 
 
 def select_topk(logits: torch.Tensor, topk: int

@@ -7,6 +7,7 @@ import torch
 
 from megatron_uni.moe import grouped
 from megatron_uni.moe.grouped import expert_matmul, grouped_matmul, merge_chosen
+from tests.multirank import run_ranks
 
 
 @pytest.mark.parametrize("kernels", [True, False])
@@ -99,3 +100,53 @@ def test_expert_matmul_matches_loop() -> None:
     out = expert_matmul(tokens, counts, weight)
     want = torch.cat([c @ weight[e].t() for e, c in enumerate(torch.split(tokens, [3, 0, 5]))])
     torch.testing.assert_close(out, want)
+
+
+def _exchange(rank: int, world: int) -> dict:
+    """EP=2, 4 experts: each rank's conditions merged by exchanging partial merges, against the
+    all-gather of every expert, tables of different sizes on the two ranks."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_uni.config import Config, apply_overrides
+    from megatron_uni.moe.experts import ExpertLinears
+    from megatron_uni.parallel.initialize import initialize
+
+    initialize(apply_overrides(Config(), ["parallel.device=cpu", "parallel.ep=2",
+                                          "moe.num_experts=4"]))
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)
+    torch.manual_seed(0)
+    experts = ExpertLinears(config, 4, 6, 5, True, 0.5,
+                            ProcessGroupCollection.use_mpu_process_groups())
+    for p in experts.parameters():
+        p.data.normal_(generator=torch.Generator().manual_seed(rank + 7))
+    gen = torch.Generator().manual_seed(100 + rank)
+    conditions = (2, 4)[rank]  # rank 0 pads its table to rank 1's
+    index = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(conditions)])
+    probe = (torch.randn(conditions, 5, 6, generator=gen), torch.randn(conditions, 5, generator=gen))
+    out = {"exchanges": experts.exchanges_merges()}
+    for name in ("exchanged", "gathered"):
+        gates = torch.rand(conditions, 2, generator=torch.Generator().manual_seed(rank)
+                           ).requires_grad_()
+        for p in experts.parameters():
+            p.grad = None
+        if name == "exchanged":
+            plan = experts.plan_exchange(index, gates)
+            out["bound"] = plan.bound
+            weight, bias = experts.merged_weights(index, gates, plan)
+        else:
+            full_w, full_b = experts.full_weights()
+            weight, bias = merge_chosen(full_w, index, gates), merge_chosen(full_b, index, gates)
+        ((weight * probe[0]).sum() + (bias * probe[1]).sum()).backward()
+        out[name] = [weight.detach(), bias.detach(), gates.grad, experts.weight.grad.clone(),
+                     experts.bias.grad.clone()]
+    return out
+
+
+def test_ep_ranks_exchange_merges_not_experts() -> None:
+    """Merged weights, and the gradients of the gates and of every local expert, equal those of
+    gathering every expert, with tables of different sizes on the ranks (padded to the largest)."""
+    for res in run_ranks(_exchange, 2, timeout=120):
+        assert res["exchanges"] and res["bound"] == 4
+        for got, want in zip(res["exchanged"], res["gathered"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -195,10 +195,12 @@ def test_auto_cost_model() -> None:
     """choose_execution on the shapes the benchmark measures (tools.bench_step)."""
     from megatron_uni.moe.linear import choose_execution
 
-    def pick(tokens, experts_local, group, cond=3, i=256, o=1024, fpb=20.0, etp=1):
+    def pick(tokens, experts_local, group, cond=3, i=256, o=1024, fpb=20.0, etp=1,
+             bound=None):
         return choose_execution(tokens=tokens, conditions=cond, topk=2, in_features=i,
                                 out_features=o, local_experts=experts_local, group_size=group,
-                                etp=etp, element_bytes=4, flops_per_byte=fpb)
+                                etp=etp, element_bytes=4, flops_per_byte=fpb,
+                                exchange_bound=bound)
 
     # one rank: nothing moves; the merged product is k times cheaper than dispatching
     assert pick(1620, 32, 1) == "grouped"
@@ -213,3 +215,12 @@ def test_auto_cost_model() -> None:
     # lets the FLOPs decide, a costly one (more FLOPs per byte) the bytes
     assert pick(4096, 64, 2, i=256, o=256, fpb=1.0) == "grouped"
     assert pick(4096, 64, 2, i=256, o=256, fpb=2000.0) == "dispatch"
+    # exchanging merges (the group's largest table: B conditions) moves 2 (G - 1) B o i,
+    # whatever E: at EP=4, hidden 512 and 810 tokens per rank, 3 conditions cost less than
+    # moving the tokens to the experts and back, 6 more
+    assert pick(810, 8, 4, i=512, o=2048, fpb=100.0, bound=3) == "grouped"
+    assert pick(810, 8, 4, i=512, o=2048, fpb=100.0, bound=6) == "dispatch"
+    assert pick(8192, 8, 4, i=1024, o=4096, fpb=2000.0, bound=3) == "grouped"
+    # the bound, not the expert count, sets its bytes: 64 local experts change nothing
+    assert pick(8192, 64, 4, i=1024, o=4096, fpb=2000.0, bound=3) == "grouped"
+    assert pick(8192, 64, 4, i=1024, o=4096, fpb=2000.0) == "dispatch"
