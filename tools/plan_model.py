@@ -25,7 +25,9 @@ Memory per rank (bytes), on the stage that needs the most:
 - full recompute: each layer keeps only its input ``h n / t``; the backward then holds one
   recomputed layer's activations and, at worst, as many bytes of their gradients (2 layers);
   without recompute the backward's working set is one ``n (f + h) / t`` gradient pair;
-- the grouped path's gathered experts ``E o i w`` of the largest expert linear (one at a time);
+- the grouped path's transient buffer of the largest expert linear (one at a time): under EP
+  with expert-TP 1 the partial merges of every rank's conditions ``G A o i w``, else the
+  gathered experts ``E o i w``;
 - the pipeline (1F1B): stage s holds min(PP - s, M) micro-batches in flight, stage 0 the most.
 
 FLOPs: ``megatron_uni.training.metrics.step_flops``, the training log's count (active experts
@@ -172,12 +174,19 @@ def layer_activations(cfg: Config, layer: int, shape: Shape, a: int, paths: dict
             saved += a * n * o * (1 - 1 / t)
         if paths[name] == "grouped":
             saved += a * (n / t * (i + o) + (k + 1) * shape.conditions * o * i)
-            if group > 1:
-                transient = max(transient, a * e * o * i)
+            if group > 1:  # the partial merges of every rank's conditions, or every expert
+                held = group * shape.conditions if p.expert_tp() == 1 else e
+                transient = max(transient, a * held * o * i)
         else:
             gathered = group * n / t
             saved += a * (gathered + k * gathered / ep) * (i + o)
     return saved, transient
+
+
+def exchanges_merges(p: Any) -> bool:
+    """Whether the grouped path exchanges partial merges (``ExpertLinears.exchanges_merges``:
+    more than one rank in the TP x EP group, whole experts per rank) rather than experts."""
+    return p.expert_tp() * p.ep > 1 and p.expert_tp() == 1
 
 
 def expert_paths(cfg: Config, shape: Shape, precision: str, device: str = "cuda"
@@ -199,7 +208,8 @@ def expert_paths(cfg: Config, shape: Shape, precision: str, device: str = "cuda"
             topk=cfg.moe.topk, in_features=i, out_features=o,
             local_experts=cfg.moe.num_experts // p.ep, group_size=p.expert_tp() * p.ep,
             etp=p.expert_tp(), element_bytes=_bytes(precision),
-            flops_per_byte=cfg.moe.auto_flops_per_byte or FLOPS_PER_BYTE[device])
+            flops_per_byte=cfg.moe.auto_flops_per_byte or FLOPS_PER_BYTE[device],
+            exchange_bound=shape.conditions if exchanges_merges(p) else None)
     return out
 
 
@@ -276,7 +286,12 @@ def plan_layout(cfg: Config, hw: Hardware, shape: Shape, precision: str = "bf16"
                 comm["tp"] += (1.0 + again + backward) * _ring(a * n * width, t)
             if expert and etp * ep > 1:
                 group = etp * ep
-                if paths[name] == "grouped":  # gather every expert shard; reduce-scatter grads
+                if paths[name] == "grouped" and exchanges_merges(p):
+                    # reduce-scatter the partial merges of every rank's conditions, all-gather
+                    # their gradients
+                    held = group * shape.conditions
+                    comm["ep"] += (2.0 + again) * _ring(w * held * o * i, group)
+                elif paths[name] == "grouped":  # gather every expert shard; reduce-scatter grads
                     comm["ep"] += (2.0 + again) * _ring(w * moe.num_experts * o * i, group)
                 else:  # gather tokens / reduce-scatter outputs, and again for the gradients
                     comm["ep"] += (2.0 + again) * _ring(a * group * n / t * (i + o), group)
