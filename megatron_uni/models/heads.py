@@ -117,7 +117,7 @@ class MatchingHead(MegatronModule):
             targets = targets[: spec.num_targets]  # drop the padding of the last shard
         logits = self.scale(spec.family) * queries @ targets.t()  # [Q, G]
         valid = spec.labels != IGNORE_INDEX
-        count = valid.sum()
+        count = query_count(spec)
         if spec.soft_labels is not None:
             per_query = -(spec.soft_labels * logits.log_softmax(-1)).sum(-1)
             loss_sum = (per_query * valid).sum()
@@ -150,7 +150,15 @@ class MatchingHead(MegatronModule):
             + F.cross_entropy(t2i, labels, label_smoothing=smooth, reduction="sum")
         )
         correct = (i2t.argmax(-1) == labels).sum()
-        return loss_sum, correct, torch.tensor(pairs, device=queries.device)
+        return loss_sum, correct, query_count(spec)
+
+
+def query_count(spec: LossSpec) -> torch.Tensor:
+    """[] long: the queries a micro-batch's loss sums over (the count the head returns):
+    retrieval, its pairs; every other family, its labelled queries."""
+    if spec.family == "retrieval":
+        return torch.tensor(spec.query_index.shape[0], device=spec.query_index.device)
+    return (spec.labels != IGNORE_INDEX).sum()
 
 
 def _group_rank(group: Any) -> int:

@@ -33,7 +33,7 @@ from megatron_uni.training.metrics import (
 from megatron_uni.training.optimizer import build_optimizer, build_scheduler
 from megatron_uni.training.run_dir import RunDirError, RunLock, write_run_record
 from megatron_uni.training.exit_status import record_saved_after_signal
-from megatron_uni.training.step import forward_backward, unwrap
+from megatron_uni.training.step import finalize_prescaled, forward_backward, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ def build_model_chunks(cfg: Config, runtime: Runtime) -> tuple[list[Any], Any]:
     from megatron.core.distributed import (  # noqa: PLC0415
         DistributedDataParallel,
         DistributedDataParallelConfig,
-        finalize_model_grads,
     )
 
     from megatron_uni.models.generalist import build_placed_model  # noqa: PLC0415
@@ -58,7 +57,7 @@ def build_model_chunks(cfg: Config, runtime: Runtime) -> tuple[list[Any], Any]:
         ),
         module,
     )
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_prescaled  # the loss is scaled (training/step.py)
     config.no_sync_func = ddp.no_sync
     return [ddp], model
 

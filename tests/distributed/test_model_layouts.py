@@ -39,6 +39,12 @@ VARIANTS = {
                        "moe.token_dispatcher=alltoall"],
     "attribute-alltoall": ["moe.router=attribute", "moe.execution=dispatch",
                            "moe.token_dispatcher=alltoall"],
+    # router losses on: their scale (per query of the step) reaches the layouts through
+    # megatron's grad_scale_func, the reference's through its finalize division (one
+    # data-parallel replica only: a load-balancing loss over each replica's tokens is another
+    # loss than over all of them)
+    "token-losses": ["moe.router=token", "moe.execution=dispatch", "moe.aux_loss_coeff=0.5",
+                     "moe.z_loss_coeff=0.1"],
 }
 MOE = ["moe.num_experts=4", "moe.topk=2", "moe.layers=all", "moe.noise_std=0"]
 
@@ -98,7 +104,10 @@ def _batches(task: str, dp_rank: int, dp: int) -> list:
     return out
 
 
-def _setup(cfg):
+def _setup(cfg, prescaled: bool = False):
+    """The model in megatron's DDP. The single-process references finalise as megatron does
+    (the buffers divided by the query count); the layouts as the trainer does
+    (``prescaled``: the loss divided by the step's global count before the backward)."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -106,12 +115,14 @@ def _setup(cfg):
     )
 
     from megatron_uni.models.generalist import build_model
+    from megatron_uni.training.step import finalize_prescaled
 
     model = build_model(cfg, use_cpu=True)
     ddp = DistributedDataParallel(
         model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
     )
-    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.finalize_model_grads_func = (finalize_prescaled if prescaled
+                                              else finalize_model_grads)
     return model, ddp
 
 
@@ -161,7 +172,7 @@ def _layout(
     cfg = _cfg(variant, *layout)
     runtime = initialize(cfg)
     torch.manual_seed(1000 + rank)  # other weights: only the load can make them agree
-    model, ddp = _setup(cfg)
+    model, ddp = _setup(cfg, prescaled=True)
     model.load_state_dict(
         dist_checkpointing.load(model.sharded_state_dict(), str(Path(out) / "ckpt"))
     )
@@ -207,7 +218,7 @@ CASES = (
     + [("retrieval", "attribute-grouped", "tp2-ep2-etp2"),
        ("captioning", "token-dispatch", "ep2"), ("captioning", "token-dispatch", "tp2-ep2-etp2"),
        ("captioning", "token-alltoall", "ep2"), ("captioning", "attribute-alltoall", "tp2-ep2-etp1"),
-       ("retrieval", "token-alltoall", "pp2-ep2")]
+       ("retrieval", "token-alltoall", "pp2-ep2"), ("captioning", "token-losses", "pp2")]
 )
 
 

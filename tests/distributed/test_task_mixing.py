@@ -115,7 +115,7 @@ def _layout(rank: int, world: int, out: str, replica_tasks: tuple, variant: str,
     cfg = _cfg(variant, *layout)
     runtime = initialize(cfg)
     torch.manual_seed(1000 + rank)
-    model, ddp = _setup(cfg)
+    model, ddp = _setup(cfg, prescaled=True)
     model.load_state_dict(
         dist_checkpointing.load(model.sharded_state_dict(), str(Path(out) / "ckpt")))
     ddp.zero_grad_buffer()
