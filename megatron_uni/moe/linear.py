@@ -24,8 +24,8 @@ paths give the same numbers:
   all E; gradients reach those k only) and applied to that condition's tokens in one grouped
   GEMM after one permutation (``grouped_matmul``); no host synchronisation. Under EP the ranks
   exchange partial merges by one reduce-scatter, each keeping its own experts
-  (``ExpertLinears.merged_weights``); under expert-TP > 1 or per-sequence routing the expert
-  shards of the TP x EP group are all-gathered for the merge. In an expert MLP
+  (``ExpertLinears.merged_weights``); under expert-TP > 1 the expert shards of the TP x EP
+  group are all-gathered for the merge. In an expert MLP
   (TP = 1) the fc1 output stays in that sorted order through the activation into fc2.
 ``auto`` picks per call whichever :func:`choose_execution` estimates cheaper (FLOPs and bytes
 moved for the micro-batch's shape and the layout).
