@@ -26,6 +26,7 @@ fp8/fp4 contexts, CUDA graphs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import nullcontext
 from functools import partial
@@ -41,6 +42,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_uni.moe.conditions import RoutingConditions
+from megatron_uni.moe.grouped import keeps_sorted_order, permute
 
 Decision = Any  # megatron_uni.moe.routers.Decision, or None for a dense pair
 
@@ -130,12 +132,15 @@ class EncoderLayer(TransformerLayer):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
                 conditions: Optional[RoutingConditions] = None, **unused: Any
                 ) -> tuple[torch.Tensor, None]:
+        # the order of the stream's tokens, where the block keeps them in group order
+        order = None if conditions is None or conditions.stream_order is None \
+            else conditions.stream_order.order
         residual = hidden_states
         attention = self.self_attention(self.input_layernorm(hidden_states), attention_mask,
                                         conditions)
         with self.bias_dropout_add_exec_handler():
             hidden_states = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
-                attention, residual, self.hidden_dropout)
+                attention, residual, self.hidden_dropout, order)
         residual = hidden_states
         normed = self.pre_mlp_layernorm(hidden_states)
         if self.recompute_mlp:
@@ -145,16 +150,53 @@ class EncoderLayer(TransformerLayer):
             mlp = self.mlp(normed, conditions)
         with self.bias_dropout_add_exec_handler():
             hidden_states = self.mlp_bda(self.training, self.config.bias_dropout_fusion)(
-                mlp, residual, self.hidden_dropout)
+                mlp, residual, self.hidden_dropout, order)
         # megatron's layer returns a viewless tensor (pipeline sends require it)
         output = make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad,
                                       keep_graph=True)
         return output, None
 
 
+def stream_router(layers: Any) -> Optional[Any]:
+    """The router by whose grouping a block of ``layers`` can keep its hidden states between
+    the layers, or None: every layer's qkv, out, fc1 and fc2 are expert linears that can work
+    in group order (``keeps_stream_order``: TP = 1, not always dispatch, attribute or modality
+    routing; one router strategy per model, so the first router's grouping is every one's)."""
+    routers = []
+    for layer in layers:
+        attention, mlp = layer.self_attention, layer.mlp
+        slots = [getattr(attention, "linear_qkv", None), getattr(attention, "linear_proj", None),
+                 getattr(mlp, "linear_fc1", None), getattr(mlp, "linear_fc2", None)]
+        if not all(getattr(slot, "keeps_stream_order", False) for slot in slots):
+            return None
+        routers += [slots[0].router, slots[2].router]
+    if not routers or any(r is None for r in routers):
+        return None
+    return routers[0]
+
+
 class EncoderBlock(TransformerBlock):
     """This pipeline stage's layers (megatron's construction, input tensor and recompute
-    settings); ``forward`` passes the conditions to every layer."""
+    settings); ``forward`` passes the conditions to every layer.
+
+    Where :func:`stream_router` finds one, the hidden states run between the layers in its
+    grouping's sorted order (tokens grouped by condition): the block permutes them once in and
+    once out, each expert linear of the stream then takes and gives group order, only the
+    attention core's input and output are permuted (2 permutations per layer instead of 6), and
+    drop path keeps its per-row choice (``models/residual.py``). The layers' results are those
+    of the token-ordered stream: everything else in a layer works per token."""
+
+    def _stream_grouping(self, hidden_states: torch.Tensor,
+                         conditions: Optional[RoutingConditions]) -> Optional[Any]:
+        """The grouping to run this call's stream in, or None (token order). Looked up per
+        call (a few attribute reads), so replacing linears (``moe/fold.py``) is seen."""
+        if conditions is None or not keeps_sorted_order(hidden_states):
+            return None  # no grouped GEMM on this device / dtype: the linears would permute
+        router = stream_router(self.layers)
+        if router is None:
+            return None
+        grouping = router.grouping(conditions)
+        return grouping if grouping.ends.shape[0] > 1 else None
 
     def _run_layers(self, start: int, end: int, conditions: Optional[RoutingConditions]):
         def run(hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]
@@ -174,12 +216,21 @@ class EncoderBlock(TransformerBlock):
         rng = (tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel
                else nullcontext())
         num = len(self.layers)
+        grouping = self._stream_grouping(hidden_states, conditions)
+        if grouping is not None:
+            shape = hidden_states.shape
+            hidden_states = permute(hidden_states.reshape(-1, shape[-1]), grouping.order,
+                                    grouping.inverse).view(shape)
+            conditions = dataclasses.replace(conditions, stream_order=grouping)
         with rng:
             if self.config.recompute_granularity == "full" and self.training:
                 hidden_states = self._recomputed(hidden_states, attention_mask, conditions, num)
             else:
                 hidden_states = self._run_layers(0, num, conditions)(hidden_states,
                                                                      attention_mask)
+        if grouping is not None:
+            hidden_states = permute(hidden_states.reshape(-1, shape[-1]), grouping.inverse,
+                                    grouping.order).view(shape)
         if not self.pre_process and num == 0:
             hidden_states = hidden_states.clone()  # an empty stage must not pass its input on
         return hidden_states

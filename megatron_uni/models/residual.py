@@ -16,15 +16,21 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+def drop_path(x: torch.Tensor, rate: float, training: bool,
+              order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Drop whole rows (dim 1 of ``[s, b, h]``) with probability ``rate``, rescale the rest.
 
     The keep mask comes from the default RNG, which megatron seeds alike on every
-    tensor-parallel rank, so all shards of one row make the same choice.
+    tensor-parallel rank, so all shards of one row make the same choice. ``order`` [s b]: the
+    tokens are in this order of megatron's flattened ``[s, b]`` (the encoder block's stream in
+    group order); token ``t`` belongs to row ``t % b``, and the same draw drops the same rows.
     """
     if not training or rate == 0.0:
         return x
-    keep = torch.empty(1, x.shape[1], 1, device=x.device, dtype=x.dtype).bernoulli_(1.0 - rate)
+    rows = x.shape[1]
+    keep = torch.empty(1, rows, 1, device=x.device, dtype=x.dtype).bernoulli_(1.0 - rate)
+    if order is not None:
+        keep = keep.view(rows).index_select(0, order % rows).view(x.shape[0], rows, 1)
     return x * keep / (1.0 - rate)
 
 
@@ -51,11 +57,12 @@ class ScaledResidualAdd(MegatronModule):
             out_with_bias: tuple[torch.Tensor, Optional[torch.Tensor]],
             residual: torch.Tensor,
             prob: float = 0.0,
+            order: Optional[torch.Tensor] = None,
         ) -> torch.Tensor:
             out, bias = out_with_bias
             if bias is not None:
                 out = out + bias
             scaled = (self.gamma * out.float()).to(residual.dtype)
-            return residual + drop_path(scaled, self.drop_path_rate, training)
+            return residual + drop_path(scaled, self.drop_path_rate, training, order)
 
         return apply

@@ -18,10 +18,12 @@ host synchronisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from megatron_uni.batch import IGNORE_INDEX, PackedBatch
+from megatron_uni.moe.grouped import Grouping
 
 
 def megatron_order(per_token: torch.Tensor) -> torch.Tensor:
@@ -46,6 +48,9 @@ class RoutingConditions:
     sequence_full: torch.Tensor  # [N] long: sequence per token of the whole micro-batch, -1 pad
     spe_index: torch.Tensor  # [Nq] long: each sequence's first token (its SPE) in [N] order
     num_queries: torch.Tensor  # [] float: loss queries of the micro-batch (at least 1)
+    # Set by the encoder block (models/encoder.py) while its hidden states run between the
+    # layers in this grouping's sorted order (the routers' grouping of the tokens by condition).
+    stream_order: Optional[Grouping] = None
 
     @classmethod
     def from_batch(cls, batch: PackedBatch, sp_rank: int = 0, sp_size: int = 1

@@ -26,7 +26,11 @@ paths give the same numbers:
   exchange partial merges by one reduce-scatter, each keeping its own experts
   (``ExpertLinears.merged_weights``); under expert-TP > 1 the expert shards of the TP x EP
   group are all-gathered for the merge. In an expert MLP
-  (TP = 1) the fc1 output stays in that sorted order through the activation into fc2.
+  (TP = 1) the fc1 output stays in that sorted order through the activation into fc2; where
+  all four slots of every layer are expert linears routed by attribute or modality (TP = 1),
+  the encoder block keeps its hidden states in that order between the layers
+  (``conditions.stream_order``, ``models/encoder.py``), and only the attention core's input
+  and output change order: 2 permutations per layer instead of 6.
 ``auto`` picks per call whichever :func:`choose_execution` estimates cheaper (FLOPs and bytes
 moved for the micro-batch's shape and the layout).
 """
@@ -50,7 +54,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_uni.config import MoEConfig
 from megatron_uni.moe.conditions import RoutingConditions
 from megatron_uni.moe.experts import ExpertLinears, expert_init_std
-from megatron_uni.moe.grouped import grouped_matmul, keeps_sorted_order, permute
+from megatron_uni.moe.grouped import Grouping, grouped_matmul, keeps_sorted_order, permute
 from megatron_uni.moe.routers import SEGMENT_CONSTANT, Decision
 
 
@@ -149,6 +153,8 @@ class _MoELinear(MegatronModule):
     """Shared machinery; see the module docstring."""
 
     output_layer = False
+    reads_stream = False  # input from the block's hidden states (qkv, fc1)
+    writes_stream = False  # output into the block's hidden states (out, fc2)
 
     def __init__(
         self,
@@ -201,29 +207,44 @@ class _MoELinear(MegatronModule):
 
     def _experts_forward(self, x: torch.Tensor, conditions: RoutingConditions,
                          decision: Optional[Decision]) -> tuple[torch.Tensor, Decision]:
-        """[s, b, i] this rank's tokens with whole features -> ([s, b, o], the decision)."""
+        """[s, b, i] this rank's tokens with whole features -> ([s, b, o], the decision).
+
+        Token order in and out: the first linear of a pair reads the block's stream, in group
+        order where ``conditions.stream_order`` says so (qkv, fc1); the second reads what the
+        first handed on (``decision.in_group_order``) and writes the stream (out, fc2)."""
+        stream = conditions.stream_order is not None
         if self.router is not None:
             decision = self.router(x.reshape(-1, x.shape[-1]), conditions)
+            arrives_sorted = stream and self.reads_stream
         elif decision is None:
             raise RuntimeError(f"{self.name}: the paired expert linear passed no routing "
                                f"decision")
+        else:
+            arrives_sorted = decision.in_group_order
         if (decision.table_index is not None and decision.exchange is None
                 and self.execution != "dispatch" and self.experts.exchanges_merges()):
             # every rank of the group takes this branch alike (same config, same router)
             decision = dataclasses.replace(decision, exchange=self.experts.plan_exchange(
                 decision.table_index, decision.table_gates))
-        arrives_sorted = decision.in_group_order
-        if self._path(x, decision) == "dispatch":
+        writes_sorted = stream and self.writes_stream  # the stream must get group order
+        path = self._path(x, decision)
+        if decision.grouping is None and (path == "grouped" or arrives_sorted or writes_sorted):
+            decision = dataclasses.replace(decision, grouping=(
+                conditions.stream_order if stream
+                else Grouping.of(decision.rows, int(decision.table_index.shape[0]))))
+        g = decision.grouping
+        if path == "dispatch":
             if arrives_sorted:  # back to megatron's token order for the dispatcher
-                g = decision.grouping
                 x = permute(x.reshape(-1, x.shape[-1]), g.inverse, g.order).view(x.shape)
             out = self._dispatch(x, decision)
-            leaves_sorted = False
+            if writes_sorted:
+                out = permute(out.reshape(-1, out.shape[-1]), g.order, g.inverse).view(out.shape)
+            leaves_sorted = writes_sorted
         else:
-            leaves_sorted = self.hand_off_group_order and keeps_sorted_order(x)
+            leaves_sorted = writes_sorted or (self.hand_off_group_order and keeps_sorted_order(x))
             out = self._grouped(x.reshape(-1, x.shape[-1]), decision, arrives_sorted,
                                 leaves_sorted).view(*x.shape[:-1], -1)
-        if leaves_sorted != arrives_sorted:
+        if self.router is not None and decision.in_group_order != leaves_sorted:
             decision = dataclasses.replace(decision, in_group_order=leaves_sorted)
         if self.router is not None and decision.aux_loss is not None:
             out = MoEAuxLossAutoScaler.apply(out, decision.aux_loss)
@@ -274,9 +295,21 @@ class _MoELinear(MegatronModule):
         around the experts, which would mix ranks' orders)."""
         return self.tp == 1
 
+    @property
+    def keeps_stream_order(self) -> bool:
+        """Whether the encoder block may run its hidden states in group order around this
+        linear: group order possible here, a path other than always-dispatch, and (the pair's
+        first linear) a router whose grouping depends on the conditions only and has more
+        than one group (attribute, modality)."""
+        routes = self.router is None or getattr(self.router, "groups_tokens", False)
+        return self.group_order_ok and self.execution != "dispatch" and routes
+
 
 class MoEColumnLinear(_MoELinear):
     """In the slot of ``ColumnParallelLinear``: ``[s, b, i] -> ([S, b, o/TP], None, decision)``."""
+
+    reads_stream = True  # qkv, fc1: input from the block's hidden states (through a norm)
+    writes_stream = False
 
     def forward(self, x: torch.Tensor, conditions: RoutingConditions,
                 decision: Optional[Decision] = None
@@ -295,6 +328,8 @@ class MoERowLinear(_MoELinear):
     """In the slot of ``RowParallelLinear``: ``[S, b, i/TP] -> ([s, b, o], None, decision)``."""
 
     output_layer = True
+    reads_stream = False
+    writes_stream = True  # out, fc2: output into the residual stream
 
     def forward(self, x: torch.Tensor, conditions: RoutingConditions,
                 decision: Optional[Decision] = None

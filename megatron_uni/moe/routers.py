@@ -61,9 +61,10 @@ class Decision:
     ``probs`` [n, E] sparse gates and ``routing_map`` [n, E] (the dispatch path's input);
     ``rows`` [n] the condition (table row, or sequence) of each token, ``table_probs`` [A, E],
     ``table_index`` / ``table_gates`` [A, k] the chosen experts and their gates per condition
-    and ``grouping`` the tokens sorted by condition (routers whose decision is constant per
-    condition: the grouped path's input, sorted once for the pair of linears that share the
-    decision); ``aux_loss`` [] the coefficient-weighted router losses to attach, or None;
+    (routers whose decision is constant per condition: the grouped path's input) and
+    ``grouping`` the tokens sorted by condition (made by the first linear of the pair that needs
+    it: the grouped path, or hidden states in group order; the encoder block's
+    ``conditions.stream_order`` where it keeps the stream in that order); ``aux_loss`` [] the coefficient-weighted router losses to attach, or None;
     ``in_group_order``: the activations handed from the first linear of the pair to the second
     are in ``grouping``'s sorted order; ``exchange``: under expert parallelism, every rank's
     conditions for the grouped path (``moe.experts.MergeExchange``), made by the first linear
@@ -187,8 +188,7 @@ class Router(MegatronModule):
             self.tracker.record_counts(self.name, conditions.attribute_table, counts)
         if table is None:
             return Decision(probs, routing_map, rows, aux_loss=aux)
-        return Decision(probs, routing_map, rows, table[0], table[1], table[2], aux_loss=aux,
-                        grouping=Grouping.of(rows, table[0].shape[0]))
+        return Decision(probs, routing_map, rows, table[0], table[1], table[2], aux_loss=aux)
 
     def forward(self, hidden: torch.Tensor, conditions: RoutingConditions) -> Decision:
         """hidden [n, h] (this rank's tokens) -> the decision for them."""
@@ -291,6 +291,18 @@ class TableRouter(Router):
             raise UnseenTaskError(unseen_task_message(name))
         one_hot = torch.eye(self.num_tasks, device=device)[task : task + 1]
         return one_hot, torch.zeros_like(conditions.modality)
+
+    @property
+    def groups_tokens(self) -> bool:
+        """Whether its decisions group the tokens of a micro-batch by more than one condition
+        (attribute and modality routing; task routing has one condition per micro-batch)."""
+        return self.strategy != "task"
+
+    def grouping(self, conditions: RoutingConditions) -> Grouping:
+        """This rank's tokens sorted by the condition that routes them: the grouping of every
+        decision this router (or any router of the same strategy) makes for ``conditions``."""
+        table, rows = self.table(conditions)
+        return Grouping.of(rows, table.shape[0])
 
     def clean_gates(self, table: torch.Tensor) -> torch.Tensor:
         """Noise-free sparse gates [A, E] for condition vectors [A, D]: what eval routing gives

@@ -113,6 +113,76 @@ def test_dispatch_and_grouped_paths_agree(task: str) -> None:
         assert r["same_keys"] and r["out"] < 1e-5 and r["grad"] < 1e-4, (other, r)
 
 
+def _stream(rank: int, world: int, router: str) -> dict:
+    """The block's stream in group order against token order, in training with drop path (the
+    same draw must drop the same rows), and with the linears choosing dispatch inside a
+    group-ordered stream (as ``auto`` may): outputs, every gradient, permutations counted."""
+    from megatron_uni.models import encoder
+    from megatron_uni.moe import grouped
+    from megatron_uni.moe.linear import MoEColumnLinear, MoERowLinear
+
+    counted = {"n": 0}
+    apply = grouped._Permute.apply
+
+    def counting(*args):
+        counted["n"] += 1
+        return apply(*args)
+
+    results, permutes, streams = {}, {}, {}
+    for case in ("token-order", "stream", "stream-dispatch-out", "stream-dispatch-all"):
+        model = _model([f"moe.router={router}", "moe.execution=auto", "moe.noise_std=0",
+                        "model.layer_scale_init=1.0", "model.init_method_std=0.2",
+                        "model.drop_path_rate=0.4"])
+        model.train()
+        if case == "token-order":
+            model.encoder._stream_grouping = lambda *args: None
+        if case.startswith("stream-dispatch"):
+            kinds = (MoERowLinear,) if case.endswith("out") else (MoERowLinear, MoEColumnLinear)
+            for m in model.modules():
+                if isinstance(m, kinds):
+                    m._path = lambda x, d: "dispatch"
+        streams[case] = encoder.stream_router(model.encoder.layers) is not None
+        batch = _task_batch("captioning")
+        torch.manual_seed(5)  # the drop-path draws
+        grouped._Permute.apply = counting
+        counted["n"] = 0
+        try:
+            hidden = model(batch)
+        finally:
+            grouped._Permute.apply = apply
+        permutes[case] = counted["n"]
+        loss_sum, count, _ = model.loss(batch, hidden)
+        (loss_sum / count).backward()
+        results[case] = (hidden.detach(), {n: p.grad.clone() for n, p in
+                                           model.named_parameters() if p.grad is not None})
+    h_t, g_t = results["token-order"]
+    out: dict = {"permutes": permutes, "streams": streams}
+    for case in ("stream", "stream-dispatch-out", "stream-dispatch-all"):
+        h, g = results[case]
+        out[case] = {
+            "out": float((h_t - h).abs().max()),
+            "grad": max(float((g_t[n] - g[n]).abs().max() / g_t[n].abs().max().clamp(min=1e-12))
+                        for n in g_t),
+            "same_keys": set(g_t) == set(g)}
+    return out
+
+
+@pytest.mark.parametrize("router", ["attribute", "modality"])
+def test_block_keeps_stream_in_group_order(router: str) -> None:
+    """Attribute / modality routing with experts in all four slots at TP = 1: the block runs
+    its hidden states in group order (2 permutations per layer and 2 for the block, against 6
+    per layer in token order) and gives the token-ordered outputs and gradients, with drop path
+    on and with the linears dispatching inside the group-ordered stream."""
+    (res,) = run_ranks(_stream, 1, args=(router,), timeout=120)
+    assert all(res["streams"].values()), res["streams"]
+    layers = 2
+    assert res["permutes"]["token-order"] == 6 * layers, res["permutes"]
+    assert res["permutes"]["stream"] == 2 * layers + 2, res["permutes"]
+    for case in ("stream", "stream-dispatch-out", "stream-dispatch-all"):
+        r = res[case]
+        assert r["same_keys"] and r["out"] < 1e-5 and r["grad"] < 1e-4, (case, r)
+
+
 def _content_blind(rank: int, world: int) -> dict:
     from dataclasses import replace
 
