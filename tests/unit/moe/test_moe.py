@@ -64,6 +64,22 @@ def test_each_router_trains(router: str, topk: int, execution: str) -> None:
     assert losses[-1] < 0.6 * losses[0], f"{router} top-{topk}: {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
+def _outcome(model, hidden: torch.Tensor) -> tuple:
+    """(output, every parameter's gradient) after a backward."""
+    return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}
+
+
+def _agreement(ref: tuple, other: tuple) -> dict:
+    """Largest output difference, largest gradient difference relative to each tensor's largest
+    entry, and whether the same parameters got gradients."""
+    (h_r, g_r), (h_o, g_o) = ref, other
+    return {"out": float((h_r - h_o).abs().max()),
+            "grad": max(float((g_r[n] - g_o[n]).abs().max() / g_r[n].abs().max().clamp(min=1e-12))
+                        for n in g_r),
+            "same_keys": set(g_r) == set(g_o)}
+
+
 def _paths(rank: int, world: int, task: str) -> dict:
     from megatron_uni.moe.linear import MoERowLinear
 
@@ -86,17 +102,11 @@ def _paths(rank: int, world: int, task: str) -> dict:
         hidden = model(batch)
         loss_sum, count, _ = model.loss(batch, hidden)
         (loss_sum / count).backward()
-        results[execution] = (hidden.detach(), {n: p.grad.clone() for n, p in
-                                                model.named_parameters() if p.grad is not None})
-    h_d, g_d = results["dispatch"]
-    out: dict = {"expert_grads": sum("experts" in n for n in g_d), "handoffs": handoffs}
+        results[execution] = _outcome(model, hidden)
+    out: dict = {"expert_grads": sum("experts" in n for n in results["dispatch"][1]),
+                 "handoffs": handoffs}
     for other in ("grouped", "mixed"):
-        h_g, g_g = results[other]
-        out[other] = {
-            "out": float((h_d - h_g).abs().max()),
-            "grad": max(float((g_d[n] - g_g[n]).abs().max() / g_d[n].abs().max().clamp(min=1e-12))
-                        for n in g_d),
-            "same_keys": set(g_d) == set(g_g)}
+        out[other] = _agreement(results["dispatch"], results[other])
     return out
 
 
@@ -153,17 +163,10 @@ def _stream(rank: int, world: int, router: str) -> dict:
         permutes[case] = counted["n"]
         loss_sum, count, _ = model.loss(batch, hidden)
         (loss_sum / count).backward()
-        results[case] = (hidden.detach(), {n: p.grad.clone() for n, p in
-                                           model.named_parameters() if p.grad is not None})
-    h_t, g_t = results["token-order"]
+        results[case] = _outcome(model, hidden)
     out: dict = {"permutes": permutes, "streams": streams}
     for case in ("stream", "stream-dispatch-out", "stream-dispatch-all"):
-        h, g = results[case]
-        out[case] = {
-            "out": float((h_t - h).abs().max()),
-            "grad": max(float((g_t[n] - g[n]).abs().max() / g_t[n].abs().max().clamp(min=1e-12))
-                        for n in g_t),
-            "same_keys": set(g_t) == set(g)}
+        out[case] = _agreement(results["token-order"], results[case])
     return out
 
 
