@@ -144,28 +144,3 @@ def test_collectives_over_one_rank_are_skipped() -> None:
     assert two[0]["scattered"] == [1.0, 3.0, 5.0, 7.0]
     assert two[1]["scattered"] == [9.0, 11.0, 13.0, 15.0]
 
-
-def _refaults(rank: int, world_size: int, keep: bool) -> int:
-    """Minor page faults of the second of two same-size allocate / fill / free rounds."""
-    import resource
-
-    from megatron_uni.parallel import cpu_backend
-
-    if keep:
-        cpu_backend.enable()  # item 8 is part of enable()
-    faults = []
-    for _ in range(3):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = torch.empty(6 << 20, dtype=torch.uint8).fill_(1)  # 6 MiB, as a step's activation
-        del block
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return faults[-1]
-
-
-def test_freed_memory_is_kept_for_the_next_step() -> None:
-    """Item 8: a step's freed activations are not handed back to the kernel, so the next step
-    does not page-fault them in again (glibc, which this machine and CI run)."""
-    (plain,) = run_ranks(_refaults, 1, args=(False,), timeout=60)
-    (kept,) = run_ranks(_refaults, 1, args=(True,), timeout=60)
-    assert plain > 1000, plain  # 6 MiB = 1536 pages, faulted in again by default
-    assert kept < 100, kept
