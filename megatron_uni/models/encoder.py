@@ -42,7 +42,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_uni.moe.conditions import RoutingConditions
-from megatron_uni.moe.grouped import keeps_sorted_order, permute
+from megatron_uni.moe.grouped import keeps_sorted_order
 
 Decision = Any  # megatron_uni.moe.routers.Decision, or None for a dense pair
 
@@ -218,9 +218,7 @@ class EncoderBlock(TransformerBlock):
         num = len(self.layers)
         grouping = self._stream_grouping(hidden_states, conditions)
         if grouping is not None:
-            shape = hidden_states.shape
-            hidden_states = permute(hidden_states.reshape(-1, shape[-1]), grouping.order,
-                                    grouping.inverse).view(shape)
+            hidden_states = grouping.to_group_order(hidden_states)
             conditions = dataclasses.replace(conditions, stream_order=grouping)
         with rng:
             if self.config.recompute_granularity == "full" and self.training:
@@ -229,8 +227,7 @@ class EncoderBlock(TransformerBlock):
                 hidden_states = self._run_layers(0, num, conditions)(hidden_states,
                                                                      attention_mask)
         if grouping is not None:
-            hidden_states = permute(hidden_states.reshape(-1, shape[-1]), grouping.inverse,
-                                    grouping.order).view(shape)
+            hidden_states = grouping.to_token_order(hidden_states)
         if not self.pre_process and num == 0:
             hidden_states = hidden_states.clone()  # an empty stage must not pass its input on
         return hidden_states

@@ -111,6 +111,14 @@ class Grouping:
     ends: torch.Tensor
     sorted_rows: torch.Tensor
 
+    def to_group_order(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., h] in token order (leading dims flattening to n) -> the same shape, sorted."""
+        return permute(x.reshape(-1, x.shape[-1]), self.order, self.inverse).view(x.shape)
+
+    def to_token_order(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_group_order`."""
+        return permute(x.reshape(-1, x.shape[-1]), self.inverse, self.order).view(x.shape)
+
     def one_hot(self, dtype: torch.dtype) -> torch.Tensor:
         """[n, A] in sorted order: 1 where the token is in the group."""
         groups = torch.arange(self.ends.shape[0], device=self.rows.device)

@@ -54,7 +54,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_uni.config import MoEConfig
 from megatron_uni.moe.conditions import RoutingConditions
 from megatron_uni.moe.experts import ExpertLinears, expert_init_std
-from megatron_uni.moe.grouped import Grouping, grouped_matmul, keeps_sorted_order, permute
+from megatron_uni.moe.grouped import Grouping, grouped_matmul, keeps_sorted_order
 from megatron_uni.moe.routers import SEGMENT_CONSTANT, Decision
 
 
@@ -235,10 +235,10 @@ class _MoELinear(MegatronModule):
         g = decision.grouping
         if path == "dispatch":
             if arrives_sorted:  # back to megatron's token order for the dispatcher
-                x = permute(x.reshape(-1, x.shape[-1]), g.inverse, g.order).view(x.shape)
+                x = g.to_token_order(x)
             out = self._dispatch(x, decision)
             if writes_sorted:
-                out = permute(out.reshape(-1, out.shape[-1]), g.order, g.inverse).view(out.shape)
+                out = g.to_group_order(out)
             leaves_sorted = writes_sorted
         else:
             leaves_sorted = writes_sorted or (self.hand_off_group_order and keeps_sorted_order(x))

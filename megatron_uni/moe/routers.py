@@ -64,7 +64,8 @@ class Decision:
     (routers whose decision is constant per condition: the grouped path's input) and
     ``grouping`` the tokens sorted by condition (made by the first linear of the pair that needs
     it: the grouped path, or hidden states in group order; the encoder block's
-    ``conditions.stream_order`` where it keeps the stream in that order); ``aux_loss`` [] the coefficient-weighted router losses to attach, or None;
+    ``conditions.stream_order`` where it keeps the stream in that order); ``aux_loss`` [] the
+    coefficient-weighted router losses to attach, or None;
     ``in_group_order``: the activations handed from the first linear of the pair to the second
     are in ``grouping``'s sorted order; ``exchange``: under expert parallelism, every rank's
     conditions for the grouped path (``moe.experts.MergeExchange``), made by the first linear

@@ -36,8 +36,8 @@ is listed in :func:`enable`, in one place a reader can audit:
    step, so that is paid every step (the issue-13 CPU benchmark, two runs each: dense 1.17 ->
    1.15-1.19 s forward+backward, the E=8 MoE 1.31-1.33 -> 1.25-1.26 s; its optimizer phase
    444-460 -> 379-388 ms). The peak resident memory is unchanged; the process keeps its peak
-   until it ends. Not a megatron
-   matter, but a CPU one: CUDA's caching allocator does the same on GPU.
+   until it ends. Not a megatron matter, but a CPU one: CUDA's caching allocator does the same
+   on GPU.
 
 It is switched on only for CPU runs (:func:`should_use_cpu`) and never when CUDA is in use: GPU
 behaviour is untouched. It patches process-wide state, so it is meant for processes that run on

@@ -143,4 +143,3 @@ def test_collectives_over_one_rank_are_skipped() -> None:
     assert two[0]["summed"] == [float(2 * v + 1) for v in range(8)]
     assert two[0]["scattered"] == [1.0, 3.0, 5.0, 7.0]
     assert two[1]["scattered"] == [9.0, 11.0, 13.0, 15.0]
-
