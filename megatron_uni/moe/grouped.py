@@ -10,6 +10,12 @@ host-side sizes. It runs on CPU (torch >= 2.14 seen here, fp32 and bf16) and on 
 still free of host synchronisation (:func:`grouped_matmul`: one dense product per group, selected
 with ``torch.where``, A times the FLOPs) or to a per-group loop over host sizes
 (:func:`expert_matmul`, whose token counts megatron's dispatcher has on the host anyway).
+
+On the CPU, where reading a tensor's values synchronises nothing, two steps use host values
+instead of their device formulations, at the dense model's memory traffic: the per-group bias
+(:func:`add_group_bias`, over host block ends, instead of a one-hot product) and the merge's
+backward (:func:`_merge_backward_on_host`, one pass per chosen expert, instead of an [A, k, D]
+copy of the gate-weighted gradients and an ``index_add_``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,13 @@ from typing import Optional
 
 import torch
 
-from megatron_uni.parallel.main_grad import add_rows
+from megatron_uni.parallel.main_grad import add_rows, gradient_target
+
+
+def host_values_free(x: torch.Tensor) -> bool:
+    """Whether reading ``x``'s values on the host costs no device synchronisation (a CPU
+    tensor). The tests turn it off to run the device formulations on the CPU."""
+    return x.device.type == "cpu"
 
 
 def _bag_offsets(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,6 +91,8 @@ class _MergeChosen(torch.autograd.Function):
         num, k = index.shape
         grad = grad.reshape(num, -1).contiguous()
         rows = experts.reshape(experts.shape[0], -1)
+        if host_values_free(grad):
+            return _merge_backward_on_host(ctx, experts, index, gates, grad)
         grad_gates = None
         if ctx.needs_input_grad[2]:
             grad_gates = _gate_grad(grad.to(experts.dtype), rows, index).to(gates.dtype)
@@ -89,6 +103,35 @@ class _MergeChosen(torch.autograd.Function):
             grad_experts = add_rows(experts, index.reshape(-1),
                                     parts.view(num * k, *experts.shape[1:]))
         return grad_experts, None, grad_gates
+
+
+def _merge_backward_on_host(ctx, experts: torch.Tensor, index: torch.Tensor,  # noqa: ANN001
+                            gates: torch.Tensor, grad: torch.Tensor):  # noqa: ANN202
+    """:class:`_MergeChosen`'s backward on the CPU, where reading the decision's A x k indices
+    and gates is no device synchronisation: one pass per (condition, choice) pair that reads
+    its chosen expert once for the gate's gradient and adds ``gate x grad[a]`` into that
+    expert's gradient in place (``main_grad`` under DDP, see ``parallel.main_grad``), with no
+    [A, k, D] copy of the gate-weighted gradients (the device path's ``parts``)."""
+    num, k = index.shape
+    rows = experts.reshape(experts.shape[0], -1)
+    pairs = index.tolist()
+    weights = gates.detach().to(torch.float64).tolist()
+    target = grad_experts = None
+    if ctx.needs_input_grad[0]:
+        target, grad_experts = gradient_target(experts)
+        target = target.view(experts.shape[0], -1)
+    dots = []
+    for a in range(num):
+        g = grad[a]
+        for j in range(k):
+            e = pairs[a][j]
+            if ctx.needs_input_grad[2]:
+                dots.append(torch.dot(g.to(rows.dtype), rows[e]))
+            if target is not None:
+                target[e].add_(g.to(target.dtype), alpha=weights[a][j])
+    grad_gates = (torch.stack(dots).view(num, k).to(gates.dtype) if ctx.needs_input_grad[2]
+                  else None)
+    return grad_experts, None, grad_gates
 
 
 def merge_chosen(experts: torch.Tensor, index: torch.Tensor, gates: torch.Tensor
@@ -103,13 +146,16 @@ class Grouping:
     """Tokens sorted by group, computed once per routing decision and shared by the linears that
     use it: ``order`` [n] (sorted position -> token), ``inverse`` [n] (token -> sorted
     position), ``ends`` [A] (end of each group's block in sorted order), ``rows`` [n] (the
-    group of each token) and ``sorted_rows`` [n]."""
+    group of each token) and ``sorted_rows`` [n]; on the CPU also ``spans``, the block ends as
+    host integers (``(0, end_0, ..., end_A-1)``: reading a CPU tensor synchronises nothing), for
+    the per-block bias (:func:`add_group_bias`)."""
 
     rows: torch.Tensor
     order: torch.Tensor
     inverse: torch.Tensor
     ends: torch.Tensor
     sorted_rows: torch.Tensor
+    spans: Optional[tuple[int, ...]] = None
 
     def to_group_order(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., h] in token order (leading dims flattening to n) -> the same shape, sorted."""
@@ -132,7 +178,41 @@ class Grouping:
                                   right=True).to(torch.int32)
         inverse = torch.empty_like(order).scatter_(
             0, order, torch.arange(order.shape[0], device=order.device))
-        return cls(rows, order, inverse, ends, sorted_rows)
+        spans = (0, *ends.tolist()) if host_values_free(rows) else None
+        return cls(rows, order, inverse, ends, sorted_rows, spans)
+
+
+class _AddGroupBias(torch.autograd.Function):
+    """out [n, o] in group order += bias[group] per block, in place, over host block ends; the
+    bias gradient is each block's sum of the output gradient."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, bias: torch.Tensor, spans: tuple[int, ...]
+                ) -> torch.Tensor:
+        ctx.mark_dirty(out)
+        ctx.spans = spans
+        for group in range(bias.shape[0]):
+            out[spans[group]:spans[group + 1]].add_(bias[group])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN205
+        spans = ctx.spans
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_bias = torch.stack([grad[spans[g]:spans[g + 1]].sum(0)
+                                     for g in range(len(spans) - 1)])
+        return grad, grad_bias, None
+
+
+def add_group_bias(out: torch.Tensor, bias: torch.Tensor, grouping: Grouping) -> torch.Tensor:
+    """out [n, o] in the grouping's sorted order, bias [A, o] -> ``out + bias[group]``, in place:
+    per block over the host ends where the grouping has them (CPU: the dense model's cost of a
+    bias add), else as a rank-A product, one-hot [n, A] @ bias [A, o] (no host sizes, no
+    gathered [n, o] copy of the biases, no second [n, o] output)."""
+    if grouping.spans is not None:
+        return _AddGroupBias.apply(out, bias, grouping.spans)
+    return out.addmm_(grouping.one_hot(out.dtype), bias)
 
 
 class _Permute(torch.autograd.Function):
@@ -159,11 +239,20 @@ def permute(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torc
 _REFUSED: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) _grouped_mm refused
 
 
+def _aligned(x: torch.Tensor, weight_t: torch.Tensor) -> bool:
+    """``_grouped_mm`` wants the row strides of its operands and output in multiples of 16
+    bytes (i and o features times the element size); other shapes take the fallback without
+    marking the device / dtype refused."""
+    size = x.element_size()
+    return (x.shape[-1] * size) % 16 == 0 and (weight_t.shape[-1] * size) % 16 == 0
+
+
 def _try_grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, ends: torch.Tensor
                     ) -> Optional[torch.Tensor]:
-    """x [m, i] @ weight_t[g] [i, o] per row block (block g ends at ends[g]); None if refused."""
+    """x [m, i] @ weight_t[g] [i, o] per row block (block g ends at ends[g]); None if refused
+    (the device / dtype, remembered for the process) or unaligned (this shape only)."""
     key = (x.device.type, x.dtype)
-    if key in _REFUSED or not hasattr(torch, "_grouped_mm"):
+    if key in _REFUSED or not hasattr(torch, "_grouped_mm") or not _aligned(x, weight_t):
         return None
     try:
         return torch._grouped_mm(x, weight_t, offs=ends.to(torch.int32))
@@ -193,9 +282,7 @@ def grouped_matmul(tokens: torch.Tensor, rows: torch.Tensor, weight: torch.Tenso
     out_sorted = _try_grouped_mm(sorted_tokens, weight.transpose(1, 2), grouping.ends)
     if out_sorted is not None:
         if bias is not None:
-            # + bias[group] in place, as a rank-A product (one-hot [n, A] @ bias [A, o]): no
-            # gathered [n, o] copy of the biases, no second [n, o] output
-            out_sorted = out_sorted.addmm_(grouping.one_hot(out_sorted.dtype), bias)
+            out_sorted = add_group_bias(out_sorted, bias, grouping)
         if sorted_out:
             return out_sorted
         return permute(out_sorted, grouping.inverse, grouping.order)

@@ -20,15 +20,23 @@ from typing import Optional
 import torch
 
 
+def gradient_target(param: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Where row gradients of ``param`` go: (``param.main_grad``, None) under DDP, else (a new
+    zero gradient, the same tensor: the caller returns it to autograd)."""
+    main_grad = getattr(param, "main_grad", None)
+    if main_grad is not None:
+        return main_grad, None
+    dense = torch.zeros_like(param)
+    return dense, dense
+
+
 def add_rows(param: torch.Tensor, index: torch.Tensor, rows: torch.Tensor
              ) -> Optional[torch.Tensor]:
     """``grad[index[j]] += rows[j]`` for param [N, ...], index [m], rows [m, ...]: into
     ``param.main_grad`` (returns None), else into a new dense gradient (returned)."""
-    main_grad = getattr(param, "main_grad", None)
-    if main_grad is not None:
-        main_grad.index_add_(0, index, rows.to(main_grad.dtype))
-        return None
-    return torch.zeros_like(param).index_add_(0, index, rows.to(param.dtype))
+    target, returned = gradient_target(param)
+    target.index_add_(0, index, rows.to(target.dtype))
+    return returned
 
 
 class _Lookup(torch.autograd.Function):

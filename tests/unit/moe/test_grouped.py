@@ -10,10 +10,14 @@ from megatron_uni.moe.grouped import expert_matmul, grouped_matmul, merge_chosen
 from tests.multirank import run_ranks
 
 
+@pytest.mark.parametrize("host", [True, False])
 @pytest.mark.parametrize("kernels", [True, False])
-def test_merge_chosen_gradients_and_main_grad(kernels: bool, monkeypatch) -> None:
+def test_merge_chosen_gradients_and_main_grad(kernels: bool, host: bool, monkeypatch) -> None:
     """Gradients against autograd's gather; ``kernels=False``: the device lacks embedding_bag
-    and its per-sample-weight gradient, so both fallbacks run."""
+    and its per-sample-weight gradient, so both fallbacks run; ``host=False``: the device
+    formulation of the backward (no host reads), which a GPU runs, here on the CPU."""
+    if not host:
+        monkeypatch.setattr(grouped, "host_values_free", lambda x: False)
     if not kernels:
         def refuse(*args, **kwargs):
             raise NotImplementedError("no kernel here")
@@ -40,14 +44,20 @@ def test_merge_chosen_gradients_and_main_grad(kernels: bool, monkeypatch) -> Non
     assert (experts.main_grad[unchosen] == 1).all()
 
 
+@pytest.mark.parametrize("host", [True, False])
 @pytest.mark.parametrize("refuse", [False, True])
-def test_grouped_matmul_matches_per_token_weights(refuse: bool, monkeypatch) -> None:
+def test_grouped_matmul_matches_per_token_weights(refuse: bool, host: bool, monkeypatch
+                                                  ) -> None:
     """Both the grouped kernel and the sync-free fallback (kernel refused) give
-    out[t] = W[rows[t]] x[t] + b[rows[t]], with gradients."""
+    out[t] = W[rows[t]] x[t] + b[rows[t]], with gradients; the bias per block over host ends
+    (``host``) and as the device's one-hot product."""
+    if not host:
+        monkeypatch.setattr(grouped, "host_values_free", lambda x: False)
+    assert (grouped.Grouping.of(torch.tensor([1, 0]), 2).spans is not None) == host
     if refuse:
         monkeypatch.setattr(grouped, "_try_grouped_mm", lambda *a: None)
     torch.manual_seed(1)
-    n, i, o, a = 37, 6, 5, 4
+    n, i, o, a = 37, 8, 4, 4  # rows of 16 / 32 bytes: the kernel's alignment
     x = torch.randn(n, i, requires_grad=True)
     rows = torch.tensor([3, 0, 0, 2] * 9 + [2])  # group 1 empty, unsorted
     weight = torch.randn(a, o, i, requires_grad=True)
@@ -70,7 +80,7 @@ def test_grouped_matmul_in_group_order(sorted_in: bool, sorted_out: bool, refuse
     if refuse:
         monkeypatch.setattr(grouped, "_try_grouped_mm", lambda *a: None)
     torch.manual_seed(3)
-    n, i, o, a = 29, 4, 6, 3
+    n, i, o, a = 29, 4, 8, 3
     rows = torch.tensor([2, 0, 2, 1] * 7 + [0])
     x = torch.randn(n, i, requires_grad=True)
     weight = torch.randn(a, o, i, requires_grad=True)
@@ -92,14 +102,22 @@ def test_grouped_matmul_in_group_order(sorted_in: bool, sorted_out: bool, refuse
         torch.testing.assert_close(got, ref)
 
 
-def test_expert_matmul_matches_loop() -> None:
+@pytest.mark.parametrize("out_features", [8, 6])
+def test_expert_matmul_matches_loop(out_features: int) -> None:
+    """The kernel (8 outputs: 32-byte rows) and the loop (6: unaligned) against per-expert
+    products; an unaligned shape takes the loop without turning the kernel off for the next."""
     torch.manual_seed(2)
     counts = torch.tensor([3, 0, 5])
     tokens = torch.randn(8, 4)
-    weight = torch.randn(3, 6, 4)
+    weight = torch.randn(3, out_features, 4)
     out = expert_matmul(tokens, counts, weight)
     want = torch.cat([c @ weight[e].t() for e, c in enumerate(torch.split(tokens, [3, 0, 5]))])
     torch.testing.assert_close(out, want)
+    ends = torch.tensor([3, 3, 8])
+    assert (grouped._try_grouped_mm(tokens, weight.transpose(1, 2), ends) is None) == (
+        out_features == 6)
+    if hasattr(torch, "_grouped_mm"):
+        assert grouped._try_grouped_mm(tokens, torch.randn(3, 4, 8), ends) is not None
 
 
 def _exchange(rank: int, world: int) -> dict:
