@@ -92,7 +92,7 @@ class _MergeChosen(torch.autograd.Function):
         grad = grad.reshape(num, -1).contiguous()
         rows = experts.reshape(experts.shape[0], -1)
         if host_values_free(grad):
-            return _merge_backward_on_host(ctx, experts, index, gates, grad)
+            return _merge_backward_on_host(ctx, experts, rows, index, gates, grad)
         grad_gates = None
         if ctx.needs_input_grad[2]:
             grad_gates = _gate_grad(grad.to(experts.dtype), rows, index).to(gates.dtype)
@@ -105,15 +105,15 @@ class _MergeChosen(torch.autograd.Function):
         return grad_experts, None, grad_gates
 
 
-def _merge_backward_on_host(ctx, experts: torch.Tensor, index: torch.Tensor,  # noqa: ANN001
-                            gates: torch.Tensor, grad: torch.Tensor):  # noqa: ANN202
+def _merge_backward_on_host(ctx, experts: torch.Tensor, rows: torch.Tensor,  # noqa: ANN001
+                            index: torch.Tensor, gates: torch.Tensor,
+                            grad: torch.Tensor):  # noqa: ANN202
     """:class:`_MergeChosen`'s backward on the CPU, where reading the decision's A x k indices
     and gates is no device synchronisation: one pass per (condition, choice) pair that reads
     its chosen expert once for the gate's gradient and adds ``gate x grad[a]`` into that
     expert's gradient in place (``main_grad`` under DDP, see ``parallel.main_grad``), with no
     [A, k, D] copy of the gate-weighted gradients (the device path's ``parts``)."""
     num, k = index.shape
-    rows = experts.reshape(experts.shape[0], -1)
     pairs = index.tolist()
     weights = gates.detach().to(torch.float64).tolist()
     target = grad_experts = None
@@ -122,13 +122,14 @@ def _merge_backward_on_host(ctx, experts: torch.Tensor, index: torch.Tensor,  # 
         target = target.view(experts.shape[0], -1)
     dots = []
     for a in range(num):
-        g = grad[a]
+        g_rows = grad[a].to(rows.dtype)  # each condition's gradient converted once, not k times
+        g_target = None if target is None else grad[a].to(target.dtype)
         for j in range(k):
             e = pairs[a][j]
             if ctx.needs_input_grad[2]:
-                dots.append(torch.dot(g.to(rows.dtype), rows[e]))
-            if target is not None:
-                target[e].add_(g.to(target.dtype), alpha=weights[a][j])
+                dots.append(torch.dot(g_rows, rows[e]))
+            if g_target is not None:
+                target[e].add_(g_target, alpha=weights[a][j])
     grad_gates = (torch.stack(dots).view(num, k).to(gates.dtype) if ctx.needs_input_grad[2]
                   else None)
     return grad_experts, None, grad_gates
