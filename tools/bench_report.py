@@ -65,11 +65,19 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
+def _timed(report: dict[str, Any]) -> str:
+    rounds = report.get("rounds", 1)
+    if rounds == 1:
+        return f"{report['steps']} steps"
+    return (f"{rounds * report['steps']} steps in {rounds} rounds (the variants in turn, "
+            f"reversed every other round; each round of a variant built afresh)")
+
+
 def markdown(report: dict[str, Any]) -> str:
     head = (f"`{report['command']}`\n\n{report['device']}, world {report['world_size']}, "
             f"{report['precision']}, {report['threads']} thread(s); batch {report['rows']} x "
-            f"{report['seq_len']} tokens; median of {report['steps']} steps after "
-            f"{report['warmup']} warm-up; matmul ceiling {report['ceiling_tflops']:.4g} TFLOP/s "
+            f"{report['seq_len']} tokens; median of {_timed(report)} after "
+            f"{report['warmup']} warm-up per round; matmul ceiling {report['ceiling_tflops']:.4g} TFLOP/s "
             f"({report['ceiling_shape']}).\n\n")
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report["variants"])]

@@ -312,14 +312,14 @@ def _median(values: list[float]) -> float | None:
 
 
 def measure(subject: Subject, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
-    """Warm-up, one counted step (saved activations), then ``steps`` timed steps."""
+    """Warm-up, one counted step (saved activations), then ``steps`` timed steps: one round of
+    one variant; ``summarize`` pools a variant's rounds."""
     for _ in range(warmup):
         subject.step({})
     with SavedActivationCounter(subject.params) as saved:
         subject.step({})
     reset_peak_memory(device)
-    times: dict[str, list[float]] = {"step": [], "fwd_bwd": [], "forward": [], "backward": [],
-                                     "optimizer": []}
+    times: dict[str, list[float]] = {k: [] for k in PHASES}
     with CollectiveCounter() as comm:
         for _ in range(steps):
             marks: dict[str, float] = {}
@@ -333,13 +333,40 @@ def measure(subject: Subject, device: torch.device, warmup: int, steps: int) -> 
                 times["backward"].append(marks["backward"] - marks["forward"])
                 times["optimizer"].append(end - marks["backward"])
     return {
-        "ms": {k: (None if _median(v) is None else 1e3 * _median(v)) for k, v in times.items()},
-        "ms_all_steps": [1e3 * t for t in times["step"]],
+        "seconds": times,
         "peak_memory_bytes": peak_memory_bytes(device),
         "expert_param_bytes": subject.expert_bytes,
         "saved_activation_bytes": saved.bytes,
         "collective_bytes_per_step": {k: v // max(steps, 1) for k, v in sorted(comm.bytes.items())},
     }
+
+
+PHASES = ("step", "fwd_bwd", "forward", "backward", "optimizer")
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One rank's rounds of one variant -> medians over every timed step of every round (ms),
+    the highest peak memory, the largest counts (a round's counts are alike)."""
+    pooled = {k: [t for r in rounds for t in r["seconds"][k]] for k in PHASES}
+    kinds = sorted({k for r in rounds for k in r["collective_bytes_per_step"]})
+    return {
+        "ms": {k: (None if _median(v) is None else 1e3 * _median(v)) for k, v in pooled.items()},
+        "ms_all_steps": [1e3 * t for t in pooled["step"]],
+        "rounds": len(rounds),
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rounds),
+        "expert_param_bytes": max(r["expert_param_bytes"] for r in rounds),
+        "saved_activation_bytes": max(r["saved_activation_bytes"] for r in rounds),
+        "collective_bytes_per_step": {
+            k: max(r["collective_bytes_per_step"].get(k, 0) for r in rounds) for k in kinds},
+    }
+
+
+def round_order(variants: Sequence[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, variant) in the order they run: the variants in turn, reversed every other round
+    (A B C, C B A, A B C, ...), so a machine's load drifting during the run weighs on each
+    variant alike instead of on whichever ran last."""
+    return [(r, name) for r in range(rounds)
+            for name in (variants if r % 2 == 0 else list(reversed(variants)))]
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -377,7 +404,8 @@ def combine(per_rank: list[dict[str, Any]], subject_info: dict[str, Any], world:
 
 
 def run_variant(name: str, base: Config, runtime_for: Callable[[Config], Any], args: Any
-                ) -> dict[str, Any]:
+                ) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Build one variant, measure one round of it, free it: (info, this rank's round, world)."""
     from megatron_uni.config import apply_overrides  # noqa: PLC0415
 
     spec = parse_variant(name)
@@ -396,10 +424,9 @@ def run_variant(name: str, base: Config, runtime_for: Callable[[Config], Any], a
     result = measure(subject, runtime.device, args.warmup, args.steps)
     info = {"variant": name, "tokens": subject.tokens, "flops": subject.flops,
             "note": subject.note}
-    row = combine(_gather(result), info, runtime.world_size)
     del subject
     gc.collect()
-    return row
+    return info, result, runtime.world_size
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -407,8 +434,10 @@ def run_variant(name: str, base: Config, runtime_for: Callable[[Config], Any], a
 
 def run(cfg: Config, args: Any, command: str,
         partial: Callable[[dict[str, Any]], None] = lambda report: None) -> dict[str, Any]:
-    """Every variant in ``args.variants``, one after another, in this process group;
-    ``partial(report)`` after each (rank 0), so a run cut short keeps what it measured."""
+    """Every variant in ``args.variants``, one after another, ``args.rounds`` times
+    (``round_order``), in this process group; each round of a variant builds it afresh and frees
+    it after (memory as for one variant alone); ``partial(report)`` after each (rank 0), so a
+    run cut short keeps what it measured."""
     from megatron_uni.config.to_mcore import resolved_precision, torch_dtype  # noqa: PLC0415
     from megatron_uni.parallel.initialize import initialize  # noqa: PLC0415
 
@@ -430,6 +459,7 @@ def run(cfg: Config, args: Any, command: str,
                        "dp": runtime.dp},
             "precision": precision, "threads": torch.get_num_threads(), "rows": args.rows,
             "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
+            "rounds": args.rounds,
             "ceiling_tflops": ceiling / 1e12, "ceiling_shape": "x".join(map(str, shape)),
             "model": {"hidden": cfg.model.hidden_size, "layers": cfg.model.num_layers,
                       "heads": cfg.model.num_attention_heads, "ffn": cfg.model.ffn_hidden_size,
@@ -442,20 +472,42 @@ def run(cfg: Config, args: Any, command: str,
     # The ceiling is measured before and after the variants and the better one kept: a shared
     # machine's load changes during a run, and the ceiling must not be the unlucky moment.
     first_ceiling = matmul_ceiling(*shape, dtype, runtime.device)
-    rows: list[dict[str, Any]] = []
-    for name in args.variants:
+    infos: dict[str, dict[str, Any]] = {}
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in args.variants}
+    skipped: dict[str, str] = {}
+    world = runtime.world_size
+
+    def rows() -> list[dict[str, Any]]:
+        out = []
+        for name in args.variants:
+            if name in skipped:
+                out.append({"variant": name, "skipped": skipped[name]})
+            elif rounds[name]:
+                out.append(combine(_gather(summarize(rounds[name])), infos[name], world))
+        return out
+
+    for turn, name in round_order(args.variants, args.rounds):
+        if name in skipped:
+            continue
         try:
-            row = run_variant(name, cfg, initialize, args)
+            infos[name], result, world = run_variant(name, cfg, initialize, args)
         except (ConfigError, RuntimeError, ValueError, ImportError, AssertionError) as err:
             # every rank builds the same thing, so every rank fails alike: skip, say why
-            row = {"variant": name, "skipped": f"{type(err).__name__}: {str(err)[:200]}"}
-        rows.append(row)
+            skipped[name] = f"{type(err).__name__}: {str(err)[:200]}"
+            result = None
+        if result is not None:
+            rounds[name].append(result)
+        done = rows()  # collective (gathers every rank's rounds): every rank calls it
         if runtime.is_main:
-            print(f"[bench_step] {name}: " + (f"{row['ms']['step']:.1f} ms/step" if "ms" in row
-                                              else row["skipped"]), flush=True)
-            partial(report(first_ceiling, rows))
+            row = next(r for r in done if r["variant"] == name)
+            where = f" (round {turn + 1}/{args.rounds})" if args.rounds > 1 else ""
+            print(f"[bench_step] {name}{where}: "
+                  + (f"{1e3 * _median(result['seconds']['step']):.1f} ms/step this round, "
+                     f"{row['ms']['step']:.1f} over its rounds so far" if result is not None
+                     else row["skipped"]), flush=True)
+            partial(report(first_ceiling, done))
     ceiling = min(_gather(max(first_ceiling, matmul_ceiling(*shape, dtype, runtime.device))))
-    return report(ceiling, rows)
+    return report(ceiling, rows())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -468,7 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the variants this many times in turn, reversed every other "
+                             "round; medians pool every round's timed steps")
     parser.add_argument("--rows", type=int, default=18, help="rows of the micro-batch")
     parser.add_argument("--seq-len", type=int, default=90, help="tokens per row")
     parser.add_argument("--gpt-vocab", type=int, default=1024,
@@ -478,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    # each variant once: repeating one (to time it twice) is what --rounds does, pooled
+    args.variants = list(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -486,6 +542,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in args.variants:
             parse_variant(name)
+        for flag, value, least in (("--steps", args.steps, 1), ("--rounds", args.rounds, 1),
+                                   ("--warmup", args.warmup, 0)):
+            if value < least:
+                raise ConfigError(f"{flag} must be at least {least}", field=flag, value=value,
+                                  fix=f"pass {flag} {max(least, 1)} or more")
         cfg = load_config(args.config, args.overrides)
         report = run(cfg, args, command, partial=lambda r: write_outputs(r, args))
     except ConfigError as err:

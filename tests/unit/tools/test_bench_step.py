@@ -123,10 +123,44 @@ def test_bench_step_one_rank_writes_every_column(tmp_path: Path) -> None:
 
 def test_bench_step_two_ranks_expert_parallel(tmp_path: Path) -> None:
     variants = ["dense", "attr-grouped", "attr-dispatch"]
-    run_ranks(_bench, 2, (str(tmp_path), ",".join(variants), ["parallel.ep=2"]), timeout=240)
+    run_ranks(_bench, 2, (str(tmp_path), ",".join(variants), ["parallel.ep=2", "--rounds", "2"]),
+              timeout=240)
     report = _check_report(tmp_path, variants)
     rows = {r["variant"]: r for r in report["variants"]}
+    # two rounds of one timed step each, pooled per rank
+    assert report["rounds"] == 2 and "2 steps in 2 rounds" in (tmp_path / "b.md").read_text()
+    for row in rows.values():
+        assert [(r["rounds"], len(r["ms_all_steps"])) for r in row["per_rank"]] == [(2, 2)] * 2
     # EP=2 holds half of the 4 experts per rank: 2 ranks' expert bytes equal and positive
     per_rank = [r["expert_param_bytes"] for r in rows["attr-grouped"]["per_rank"]]
     assert len(per_rank) == 2 and per_rank[0] == per_rank[1] > 0
     assert sum(rows["dense"]["collective_bytes_per_step"].values()) > 0  # DP=2 reduces grads
+
+
+def test_rounds_alternate_the_order_and_pool_every_timed_step() -> None:
+    from tools.bench_step import round_order, summarize
+
+    assert round_order(["a", "b", "c"], 3) == [
+        (0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c")]
+
+    def one_round(steps: list[float], peak: int, comm: dict) -> dict:
+        return {"seconds": {"step": steps, "fwd_bwd": [t / 2 for t in steps], "forward": [],
+                            "backward": [], "optimizer": []},
+                "peak_memory_bytes": peak, "expert_param_bytes": 8, "saved_activation_bytes": 4,
+                "collective_bytes_per_step": comm}
+
+    out = summarize([one_round([0.010, 0.030], 100, {"all_reduce": 5}),
+                     one_round([0.020], 300, {"all_gather": 7})])
+    assert out["ms"]["step"] == 20.0 and out["ms"]["fwd_bwd"] == 10.0  # median of all 3 steps
+    assert out["ms"]["forward"] is None  # no phases seen (several pipeline stages)
+    assert out["ms_all_steps"] == [10.0, 30.0, 20.0] and out["rounds"] == 2
+    assert out["peak_memory_bytes"] == 300
+    assert out["collective_bytes_per_step"] == {"all_gather": 7, "all_reduce": 5}
+
+
+def test_bad_step_counts_are_refused_with_the_flag_named(capsys) -> None:  # noqa: ANN001
+    from tools.bench_step import main
+
+    assert main([*ARGS[:2], "--rounds", "0"]) != 0
+    err = capsys.readouterr().err
+    assert "--rounds" in err and "at least 1" in err
