@@ -47,25 +47,25 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import statistics
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from megatron_uni.config import Config, ConfigError, load_config
-from tools.bench_report import text_table, write_outputs
-from tools.bench_counters import (
-    CollectiveCounter,
-    SavedActivationCounter,
-    matmul_ceiling,
-    peak_memory_bytes,
-    reset_peak_memory,
-    synchronize,
+from tools.bench_counters import matmul_ceiling
+from tools.bench_measure import (
+    Subject,
+    combine,
+    gather_ranks,
+    measure,
+    median_or_none,
+    now,
+    round_order,
+    summarize,
 )
+from tools.bench_report import text_table, write_outputs
 
 log = logging.getLogger("tools.bench_step")
 
@@ -76,20 +76,6 @@ DEFAULT_VARIANTS = (
 ROUTERS = {"attr": "attribute", "attribute": "attribute", "token": "token",
            "context": "context", "modality": "modality", "task": "task"}
 EXECUTIONS = ("grouped", "dispatch", "auto")
-
-
-@dataclass
-class Subject:
-    """One built variant: ``step(marks)`` runs a training step and records phase times."""
-
-    step: Callable[[dict[str, float]], None]
-    params: list[torch.Tensor]  # every parameter (excluded from saved activations)
-    expert_bytes: int
-    tokens: int  # tokens of one step over all ranks
-    flops: float  # model FLOPs of one step over all ranks
-    phases: bool  # forward end observable (one pipeline stage)
-    note: str = ""
-    cleanup: Callable[[], None] = field(default=lambda: None)
 
 
 def expert_bytes(named: Sequence[tuple[str, torch.Tensor]]) -> int:
@@ -160,11 +146,6 @@ def zero_grads(chunks: Sequence[Any], optimizer: Any) -> None:
     optimizer.zero_grad()
 
 
-def _now(device: torch.device) -> float:
-    synchronize(device)
-    return time.perf_counter()
-
-
 def build_ours(cfg: Config, runtime: Any, rows: int, seq_len: int) -> Subject:
     """Our model through the trainer's builders and megatron's schedule (training/step.py)."""
     from megatron_uni.config.to_mcore import resolved_precision  # noqa: PLC0415
@@ -182,13 +163,13 @@ def build_ours(cfg: Config, runtime: Any, rows: int, seq_len: int) -> Subject:
     marks: dict[str, float] = {}
     if getattr(model, "head", None) is not None:  # the last module of the forward
         model.head.register_forward_hook(lambda *_: marks.__setitem__("forward",
-                                                                      _now(runtime.device)))
+                                                                      now(runtime.device)))
 
     def step(out: dict[str, float]) -> None:
         marks.clear()
         unwrap(chunks[0]).routing_tracker.reset()  # as the trainer does every step
         forward_backward(chunks, [batch])
-        out["backward"] = _now(runtime.device)
+        out["backward"] = now(runtime.device)
         optimizer.step()
         zero_grads(chunks, optimizer)
         out.update({k: v for k, v in marks.items()})
@@ -231,12 +212,12 @@ def build_mcore(cfg: Config, runtime: Any, rows: int, seq_len: int, moe: bool,
     if not runtime.use_cpu:
         batches = [{k: v.to(runtime.device) for k, v in b.items()} for b in batches]
     marks: dict[str, float] = {}
-    model.register_forward_hook(lambda *_: marks.__setitem__("forward", _now(runtime.device)))
+    model.register_forward_hook(lambda *_: marks.__setitem__("forward", now(runtime.device)))
 
     def step(out: dict[str, float]) -> None:
         marks.clear()
         forward_backward([ddp], batches)
-        out["backward"] = _now(runtime.device)
+        out["backward"] = now(runtime.device)
         optimizer.step()
         zero_grads([ddp], optimizer)
         out.update(marks)
@@ -283,9 +264,9 @@ def build_ref(cfg: Config, runtime: Any, rows: int, seq_len: int, kind: str) -> 
     def step(out: dict[str, float]) -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
             loss = (model(x, attributes).float() @ proj).square().mean()
-        out["forward"] = _now(device)
+        out["forward"] = now(device)
         loss.backward()
-        out["backward"] = _now(device)
+        out["backward"] = now(device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -304,103 +285,7 @@ def build_ref(cfg: Config, runtime: Any, rows: int, seq_len: int, kind: str) -> 
                    phases=True, note=notes[kind])
 
 
-# ---------------------------------------------------------------------------- measuring
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def measure(subject: Subject, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
-    """Warm-up, one counted step (saved activations), then ``steps`` timed steps: one round of
-    one variant; ``summarize`` pools a variant's rounds."""
-    for _ in range(warmup):
-        subject.step({})
-    with SavedActivationCounter(subject.params) as saved:
-        subject.step({})
-    reset_peak_memory(device)
-    times: dict[str, list[float]] = {k: [] for k in PHASES}
-    with CollectiveCounter() as comm:
-        for _ in range(steps):
-            marks: dict[str, float] = {}
-            start = _now(device)
-            subject.step(marks)
-            end = _now(device)
-            times["step"].append(end - start)
-            times["fwd_bwd"].append(marks["backward"] - start)
-            if subject.phases and "forward" in marks:
-                times["forward"].append(marks["forward"] - start)
-                times["backward"].append(marks["backward"] - marks["forward"])
-                times["optimizer"].append(end - marks["backward"])
-    return {
-        "seconds": times,
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "expert_param_bytes": subject.expert_bytes,
-        "saved_activation_bytes": saved.bytes,
-        "collective_bytes_per_step": {k: v // max(steps, 1) for k, v in sorted(comm.bytes.items())},
-    }
-
-
-PHASES = ("step", "fwd_bwd", "forward", "backward", "optimizer")
-
-
-def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One rank's rounds of one variant -> medians over every timed step of every round (ms),
-    the highest peak memory, the largest counts (a round's counts are alike)."""
-    pooled = {k: [t for r in rounds for t in r["seconds"][k]] for k in PHASES}
-    kinds = sorted({k for r in rounds for k in r["collective_bytes_per_step"]})
-    return {
-        "ms": {k: (None if _median(v) is None else 1e3 * _median(v)) for k, v in pooled.items()},
-        "ms_all_steps": [1e3 * t for t in pooled["step"]],
-        "rounds": len(rounds),
-        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rounds),
-        "expert_param_bytes": max(r["expert_param_bytes"] for r in rounds),
-        "saved_activation_bytes": max(r["saved_activation_bytes"] for r in rounds),
-        "collective_bytes_per_step": {
-            k: max(r["collective_bytes_per_step"].get(k, 0) for r in rounds) for k in kinds},
-    }
-
-
-def round_order(variants: Sequence[str], rounds: int) -> list[tuple[int, str]]:
-    """(round, variant) in the order they run: the variants in turn, reversed every other round
-    (A B C, C B A, A B C, ...), so a machine's load drifting during the run weighs on each
-    variant alike instead of on whichever ran last."""
-    return [(r, name) for r in range(rounds)
-            for name in (variants if r % 2 == 0 else list(reversed(variants)))]
-
-
-def _gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist  # noqa: PLC0415
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
-def combine(per_rank: list[dict[str, Any]], subject_info: dict[str, Any], world: int
-            ) -> dict[str, Any]:
-    """Rank results -> one row: the slowest rank's medians, the largest per-rank bytes (MFU is
-    filled in once the run's ceiling is known)."""
-    ms = {k: (max(r["ms"][k] for r in per_rank) if per_rank[0]["ms"][k] is not None else None)
-          for k in per_rank[0]["ms"]}
-    step_s = ms["step"] / 1e3
-    tflops = subject_info["flops"] / world / step_s / 1e12
-    kinds = sorted({k for r in per_rank for k in r["collective_bytes_per_step"]})
-    return {
-        **subject_info,
-        "ms": ms,
-        "tokens_per_s": subject_info["tokens"] / step_s,
-        "tflops_per_rank": tflops,
-        "mfu": None,
-        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in per_rank),
-        "expert_param_bytes": max(r["expert_param_bytes"] for r in per_rank),
-        "saved_activation_bytes": max(r["saved_activation_bytes"] for r in per_rank),
-        "collective_bytes_per_step": {
-            k: max(r["collective_bytes_per_step"].get(k, 0) for r in per_rank) for k in kinds},
-        "per_rank": per_rank,
-    }
+# ---------------------------------------------------------------------------- one round
 
 
 def run_variant(name: str, base: Config, runtime_for: Callable[[Config], Any], args: Any
@@ -483,7 +368,7 @@ def run(cfg: Config, args: Any, command: str,
             if name in skipped:
                 out.append({"variant": name, "skipped": skipped[name]})
             elif rounds[name]:
-                out.append(combine(_gather(summarize(rounds[name])), infos[name], world))
+                out.append(combine(gather_ranks(summarize(rounds[name])), infos[name], world))
         return out
 
     for turn, name in round_order(args.variants, args.rounds):
@@ -502,11 +387,11 @@ def run(cfg: Config, args: Any, command: str,
             row = next(r for r in done if r["variant"] == name)
             where = f" (round {turn + 1}/{args.rounds})" if args.rounds > 1 else ""
             print(f"[bench_step] {name}{where}: "
-                  + (f"{1e3 * _median(result['seconds']['step']):.1f} ms/step this round, "
+                  + (f"{1e3 * median_or_none(result['seconds']['step']):.1f} ms/step this round, "
                      f"{row['ms']['step']:.1f} over its rounds so far" if result is not None
                      else row["skipped"]), flush=True)
             partial(report(first_ceiling, done))
-    ceiling = min(_gather(max(first_ceiling, matmul_ceiling(*shape, dtype, runtime.device))))
+    ceiling = min(gather_ranks(max(first_ceiling, matmul_ceiling(*shape, dtype, runtime.device))))
     return report(ceiling, rows())
 
 

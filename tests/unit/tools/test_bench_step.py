@@ -138,7 +138,7 @@ def test_bench_step_two_ranks_expert_parallel(tmp_path: Path) -> None:
 
 
 def test_rounds_alternate_the_order_and_pool_every_timed_step() -> None:
-    from tools.bench_step import round_order, summarize
+    from tools.bench_measure import round_order, summarize
 
     assert round_order(["a", "b", "c"], 3) == [
         (0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c")]
