@@ -43,7 +43,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_uni.moe.grouped import expert_matmul, merge_chosen
+from megatron_uni.moe.grouped import add_expert_bias, expert_matmul, merge_chosen
 from megatron_uni.parallel.autograd_collectives import all_gather_with_grad
 
 
@@ -138,10 +138,7 @@ class ExpertLinears(MegatronModule):
         cols = slice(self.etp_rank * self.in_shard, (self.etp_rank + 1) * self.in_shard)
         out = expert_matmul(tokens[:, cols].contiguous(), tokens_per_expert, self.weight)
         if self.bias is not None and self.etp_rank == 0:
-            expert_of = torch.repeat_interleave(
-                torch.arange(self.num_local, device=tokens.device),
-                tokens_per_expert.to(tokens.device), output_size=tokens.shape[0])
-            out = out + self.bias[expert_of]
+            out = add_expert_bias(out, self.bias, tokens_per_expert)
         return out * probs.unsqueeze(-1).to(out.dtype)
 
     # ------------------------------------------------------------------ all experts, merged

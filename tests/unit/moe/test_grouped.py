@@ -120,6 +120,27 @@ def test_expert_matmul_matches_loop(out_features: int) -> None:
         assert grouped._try_grouped_mm(tokens, torch.randn(3, 4, 8), ends) is not None
 
 
+@pytest.mark.parametrize("host", [True, False])
+def test_expert_bias_per_block_matches_a_gather(host: bool, monkeypatch) -> None:  # noqa: ANN001
+    """Rows grouped by expert (an empty expert among them) get their expert's bias, and the bias
+    gradient is each block's sum: per block over host ends (``host``) or by the device's gather."""
+    if not host:
+        monkeypatch.setattr(grouped, "host_values_free", lambda x: False)
+    torch.manual_seed(3)
+    counts = torch.tensor([2, 0, 3, 1])
+    base = torch.randn(6, 5, requires_grad=True)
+    bias = torch.randn(4, 5, requires_grad=True)
+    upstream = torch.randn(6, 5)
+    out = grouped.add_expert_bias(base * 1.0, bias, counts)  # in place on a non-leaf
+    grads = torch.autograd.grad((out * upstream).sum(), (base, bias))
+    want = base + bias[torch.tensor([0, 0, 2, 2, 2, 3])]
+    refs = torch.autograd.grad((want * upstream).sum(), (base, bias))
+    torch.testing.assert_close(out, want)
+    for got, ref in zip(grads, refs):
+        torch.testing.assert_close(got, ref)
+    assert grads[1][1].abs().sum() == 0  # the empty expert's bias gets no gradient
+
+
 def _exchange(rank: int, world: int) -> dict:
     """EP=2, 4 experts: each rank's conditions merged by exchanging partial merges, against the
     all-gather of every expert, tables of different sizes on the two ranks."""
